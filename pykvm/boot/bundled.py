@@ -1,0 +1,53 @@
+"""The guests that ship with pykvm (built from guests/ by `make -C guests`).
+
+In an installed pykvm the images are package data in ``pykvm/guests/``; in a source checkout they
+are in the top-level ``guests/`` folder. Both hold the same committed files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from ..x86.modes import CpuMode
+
+LOAD_ADDR = 0x8000
+
+
+@dataclass(frozen=True)
+class BundledGuest:
+    name: str
+    mode: CpuMode
+    about: str
+
+    @property
+    def path(self) -> Path:
+        return images_dir() / f"{self.name}.bin"
+
+
+GUESTS = [
+    BundledGuest("hello-long64", CpuMode.LONG64, "prints its mode and CR0/CR4/EFER from 64-bit long mode (the default)"),
+    BundledGuest("hello-real", CpuMode.REAL, "the same program in 16-bit real mode"),
+    BundledGuest("hello-prot32", CpuMode.PROT32, "the same program in 32-bit protected mode, paging off"),
+    BundledGuest("hello-paged32", CpuMode.PAGED32, "the same program under 32-bit paging (4 MiB pages)"),
+    BundledGuest("hello-pae", CpuMode.PAE, "the same program under PAE paging (2 MiB pages)"),
+    BundledGuest("mmio", CpuMode.LONG64, "reads and writes the MMIO test device at 0xd0000000 and checks the answers"),
+    BundledGuest("spin", CpuMode.LONG64, "prints a line, then loops forever (try --timeout 2)"),
+    BundledGuest("exitloop", CpuMode.PROT32, "takes N exits of one kind, silently (the exit-latency benchmark's guest)"),
+]
+DEFAULT = GUESTS[0]
+
+
+def images_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent   # pykvm/
+    installed = here / "guests"
+    return installed if installed.is_dir() else here.parent / "guests"
+
+
+def find(name: str) -> BundledGuest:
+    for guest in GUESTS:
+        if guest.name == name:
+            return guest
+    names = ", ".join(g.name for g in GUESTS)
+    raise UsageError(f"no bundled guest or file named {name!r}. Bundled guests: {names} (see `pykvm run --list`)")

@@ -1,0 +1,154 @@
+"""The ``pykvm`` command: ``run`` boots a guest, ``info`` shows what this host's KVM offers.
+
+Errors become one paragraph on stderr and an exit status, never a traceback:
+2 = bad usage or a bad image, 4 = the guest crashed or the VMM failed, 124 = timeout,
+130 = interrupted; a guest's debug-exit value v gives (v << 1) | 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from . import __version__
+from .boot import bundled
+from .boot.flat import load_flat
+from .errors import PykvmError, UsageError
+from .memory import parse_size
+from .x86.modes import CpuMode
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0x1000 or 4096)") from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):   # one line and status 2, as for every other usage error
+        self.exit(2, f"pykvm: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pykvm", description="A small x86 hypervisor in Python over Linux KVM.")
+    parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="boot a guest (default: the bundled 64-bit demo)",
+                         description="Boot a bundled guest by name, or a flat binary file.")
+    run.add_argument("image", nargs="?", default=bundled.DEFAULT.name,
+                     help=f"a bundled guest name (default {bundled.DEFAULT.name}) or a flat binary file")
+    run.add_argument("--list", action="store_true", help="list the bundled guests and exit")
+    run.add_argument("--mode", choices=[m.value for m in CpuMode],
+                     help="CPU mode to start a flat binary in (default: long64; bundled guests know their own)")
+    run.add_argument("--load-addr", type=_int, default=None, metavar="ADDR",
+                     help=f"guest-physical load and entry address of a flat binary (default {bundled.LOAD_ADDR:#x})")
+    run.add_argument("-m", "--mem", type=_size, default=parse_size("64M"), metavar="SIZE",
+                     help="guest RAM, e.g. 64M or 1G (default 64M)")
+    run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                     help="end the run (status 124) if the guest is still running after this long")
+    run.add_argument("-q", "--quiet", action="store_true", help="do not print how the run ended")
+
+    sub.add_parser("info", help="KVM API version, capabilities pykvm uses, vCPU limits")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_info(args)
+    except PykvmError as e:
+        _say(str(e))
+        return e.exit_status
+    except BrokenPipeError:   # `pykvm info | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
+
+
+def _say(message: str) -> None:
+    print(textwrap.fill(message, width=100, initial_indent="pykvm: ", subsequent_indent="  ",
+                        break_long_words=False, break_on_hyphens=False), file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    if args.list:
+        width = max(len(g.name) for g in bundled.GUESTS)
+        for guest in bundled.GUESTS:
+            print(f"{guest.name:<{width}}  {guest.mode.value:<8} {guest.about}")
+        return 0
+    plan = _plan_for(args)
+    from .machine import Machine   # imports KVM bits only when a VM is really wanted
+    with Machine(mem_size=args.mem, irqchip=plan.irqchip) as machine:
+        machine.load(plan)
+        result = machine.run(timeout=args.timeout)
+    if result.report or not args.quiet:
+        _say(f"{result.reason} (exit status {result.status})")
+    if result.report:
+        print(result.report, file=sys.stderr)
+    return result.status
+
+
+def _plan_for(args):
+    path = Path(args.image)
+    if path.exists() or "/" in args.image or path.suffix:
+        if path.is_dir():
+            raise UsageError(f"{args.image} is a directory, not a guest image")
+        try:
+            image = path.read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read {args.image}: {e.strerror}") from None
+        mode = CpuMode(args.mode or "long64")
+        name = args.image
+    else:
+        guest = bundled.find(args.image)
+        if args.mode and CpuMode(args.mode) is not guest.mode:
+            raise UsageError(f"{guest.name} is built for {guest.mode.value} mode; --mode {args.mode} would not run it")
+        image, mode, name = guest.path.read_bytes(), guest.mode, guest.name
+    load_addr = bundled.LOAD_ADDR if args.load_addr is None else args.load_addr
+    return load_flat(image, load_addr, mode, args.mem, name=name)
+
+
+def cmd_info(args) -> int:
+    from .kvm import Cap, Kvm
+    with Kvm() as kvm:
+        print(f"KVM API version: {kvm.get_api_version()}")
+        print(f"backend: {_backend()}")
+        print(f"vCPUs: recommended {kvm.check_extension(Cap.NR_VCPUS)}, maximum {kvm.check_extension(Cap.MAX_VCPUS)}")
+        print(f"memory slots: {kvm.check_extension(Cap.NR_MEMSLOTS)}")
+        print("capabilities pykvm uses:")
+        for cap in Cap:
+            value = kvm.check_extension(cap)
+            print(f"  KVM_CAP_{cap.name:<28} {'present' if value else 'absent'}"
+                  + (f" ({value})" if value > 1 else ""))
+    return 0
+
+
+def _backend() -> str:
+    from .machine import host_backend
+    module = host_backend()
+    if module == "kvm_pvm":
+        return module + (" (not hardware virtualization: CPL0 guest code is emulated; paging only in long mode;"
+                         " see PLATFORM notes in the README)")
+    return module

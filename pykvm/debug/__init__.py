@@ -1,0 +1,1 @@
+"""Seeing inside a run: vCPU reports with disassembly (and, later, exit tracing, statistics, gdb)."""

@@ -1,0 +1,52 @@
+"""The report printed when a run ends abnormally: registers, CPU mode, and the code at RIP."""
+
+from __future__ import annotations
+
+from ..x86.modes import mode_of
+from ..x86.paging import PageFault, translate
+from .disasm import format_listing
+
+
+def code_bits(sregs) -> int:
+    """16, 32 or 64: the default code size the CPU is executing with."""
+    if not sregs.cr0 & 1:
+        return 16
+    if sregs.efer & (1 << 10) and sregs.cs.l:
+        return 64
+    return 32 if sregs.cs.db else 16
+
+
+def describe_vcpu(vcpu, memory) -> str:
+    regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    r = regs
+    lines = [
+        f"vCPU {vcpu.id} in {mode_of(sregs.cr0, sregs.cr4, sregs.efer, sregs.cs.l)}",
+        f"  rax={r.rax:016x} rbx={r.rbx:016x} rcx={r.rcx:016x} rdx={r.rdx:016x}",
+        f"  rsi={r.rsi:016x} rdi={r.rdi:016x} rsp={r.rsp:016x} rbp={r.rbp:016x}",
+        f"  r8 ={r.r8:016x} r9 ={r.r9:016x} r10={r.r10:016x} r11={r.r11:016x}",
+        f"  r12={r.r12:016x} r13={r.r13:016x} r14={r.r14:016x} r15={r.r15:016x}",
+        f"  rip={r.rip:016x} rflags={r.rflags:08x}",
+        f"  cs={sregs.cs.selector:04x} (base {sregs.cs.base:#x}) ds={sregs.ds.selector:04x} "
+        f"ss={sregs.ss.selector:04x} gdt={sregs.gdt.base:#x}/{sregs.gdt.limit:#x} "
+        f"idt={sregs.idt.base:#x}/{sregs.idt.limit:#x}",
+        f"  cr0={sregs.cr0:08x} cr2={sregs.cr2:016x} cr3={sregs.cr3:016x} cr4={sregs.cr4:08x} "
+        f"efer={sregs.efer:x}",
+    ]
+    bits = code_bits(sregs)
+    linear = (sregs.cs.base + r.rip) & (0xFFFF_FFFF_FFFF_FFFF if bits == 64 else 0xFFFF_FFFF)
+    try:
+        phys = translate(memory, linear, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer)
+        code = memory.read(phys, _readable(memory, phys, 64))
+    except (PageFault, Exception) as e:   # GuestMemoryError included: RIP may point anywhere
+        lines.append(f"  code at rip: unreadable ({e})")
+    else:
+        lines.append(f"  code at rip ({bits}-bit, linear {linear:#x} = physical {phys:#x}):")
+        lines.append(format_listing(code, linear, bits, limit=6, mark=linear))
+    return "\n".join(lines)
+
+
+def _readable(memory, gpa: int, n: int) -> int:
+    """The largest length <= n that can be read at gpa (code near the end of RAM)."""
+    while n > 1 and not memory.contains(gpa, n):
+        n //= 2
+    return n

@@ -1,0 +1,113 @@
+"""The device contract and the two buses (port I/O and MMIO) that route exits to devices.
+
+A device is a plain object with two methods::
+
+    read(offset: int, size: int) -> int
+    write(offset: int, size: int, value: int) -> None
+
+``offset`` is relative to the base the device was attached at; ``size`` is 1, 2, 4 or 8 bytes.
+Devices hold only register state. Their interrupt line (an :class:`IrqLine`) and any host-side
+I/O (terminal, file) are handed to them, so a device never sees the VM.
+
+A bus resolves an address to ``(device, offset)`` with a sorted range table. An access that no
+device claims reads as all ones and ignores writes, and is counted in :attr:`Bus.unclaimed`,
+never fatal: real hardware answers an empty bus the same way.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from typing import Protocol
+
+
+class Device(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class IrqLine:
+    """One interrupt input of the interrupt controller, as a device sees it.
+
+    ``set(level)`` drives the line; ``pulse()`` raises then lowers it (an edge, as the ISA
+    devices use). The default implementation does nothing, for devices with no interrupt
+    wired; the machine hands devices a KVM-backed subclass.
+    """
+
+    def set(self, level: bool) -> None:  # pragma: no cover - overridden
+        pass
+
+    def pulse(self) -> None:
+        self.set(True)
+        self.set(False)
+
+
+class BusError(ValueError):
+    """A device was attached over another one, or with an empty range."""
+
+
+def all_ones(size: int) -> int:
+    """What an unclaimed read of ``size`` bytes returns: every data line pulled high."""
+    return (1 << (8 * size)) - 1
+
+
+class Bus:
+    """An address space (ports or guest-physical MMIO) mapped to devices.
+
+    Lookups are a bisect over the sorted range starts. The table is replaced as a whole on
+    attach, so a vCPU thread looking up an address never sees it half-updated.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._starts: list[int] = []
+        self._ranges: list[tuple[int, int, object]] = []  # (start, end, device), sorted
+        self.unclaimed: Counter[int] = Counter()  # address -> number of unclaimed accesses
+        self._lock = threading.Lock()
+
+    def attach(self, device: object, base: int, length: int) -> None:
+        if length <= 0:
+            raise BusError(f"{self.name}: device {device!r} attached with empty range")
+        end = base + length
+        with self._lock:
+            for start, stop, other in self._ranges:
+                if base < stop and start < end:
+                    raise BusError(
+                        f"{self.name}: {type(device).__name__} at {base:#x}+{length:#x} overlaps "
+                        f"{type(other).__name__} at {start:#x}+{stop - start:#x}"
+                    )
+            ranges = sorted(self._ranges + [(base, end, device)], key=lambda r: r[0])
+            self._ranges = ranges
+            self._starts = [r[0] for r in ranges]
+
+    def find(self, addr: int) -> tuple[object, int] | None:
+        """Return (device, offset) for ``addr``, or None if nobody claims it."""
+        ranges = self._ranges
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            start, end, device = ranges[i]
+            if addr < end:
+                return device, addr - start
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.find(addr)
+        if hit is None:
+            self.unclaimed[addr] += 1
+            return all_ones(size)
+        device, offset = hit
+        return device.read(offset, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        hit = self.find(addr)
+        if hit is None:
+            self.unclaimed[addr] += 1
+            return
+        device, offset = hit
+        device.write(offset, size, value)
+
+    def devices(self) -> list[tuple[int, int, object]]:
+        """The attached devices as (base, length, device), in address order."""
+        return [(s, e - s, d) for s, e, d in self._ranges]

@@ -1,0 +1,32 @@
+"""The debug-exit port (QEMU's isa-debug-exit, at 0xf4 by default).
+
+A guest writes a value v to the port and the VM ends; pykvm then exits with status
+``(v << 1) | 1``. The shift-and-set-bit-0 is QEMU's convention: a test kernel written for
+``qemu -device isa-debug-exit`` reports the same status under pykvm, and an odd status can never be
+mistaken for pykvm's own (even) error statuses. 8-, 16- and 32-bit writes all count; reads return
+all ones, as an empty ISA port does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .bus import all_ones
+
+PORT = 0xF4
+
+
+def status_for(value: int) -> int:
+    """pykvm's exit status for a guest that wrote ``value`` to the port."""
+    return (value << 1) | 1
+
+
+class DebugExit:
+    def __init__(self, on_exit: Callable[[int, int], None]) -> None:
+        self._on_exit = on_exit   # called with (value, status)
+
+    def read(self, offset: int, size: int) -> int:
+        return all_ones(size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._on_exit(value, status_for(value))

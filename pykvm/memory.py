@@ -1,0 +1,191 @@
+"""Guest RAM: anonymous mmaps registered as KVM memory slots, and the only door into them.
+
+Layout follows the PC. RAM starts at guest-physical 0. The 1 GiB below 4 GiB is the 32-bit MMIO
+hole (devices, firmware); when the guest has more RAM than fits under the hole, the rest is placed
+from 4 GiB up::
+
+    0 ........ low RAM ........ min(size, 3 GiB) | hole 3..4 GiB | 4 GiB ... high RAM ...
+
+Every access names a guest-physical address (gpa) and a length and is checked to lie wholly inside
+one region; anything else raises :class:`GuestMemoryError` before a byte is touched. The guest
+controls most addresses pykvm handles (descriptors, pointers in boot structures), so nothing else
+in pykvm turns a guest address into host memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import struct
+from dataclasses import dataclass, field
+
+from .errors import PykvmError
+from .kvm.abi import ffi
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+MMIO_HOLE_START = 3 * GiB
+MMIO_HOLE_END = 4 * GiB
+MIN_RAM = 1 * MiB
+MAX_RAM = 64 * GiB
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemoryError(PykvmError):
+    """An access to guest-physical memory outside guest RAM (or straddling two regions)."""
+
+
+@dataclass
+class Region:
+    """One contiguous range of guest RAM backed by one host mmap (one KVM slot)."""
+
+    gpa: int
+    size: int
+    slot: int
+    _map: mmap.mmap = field(repr=False)
+    _view: memoryview = field(repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def host_addr(self) -> int:
+        return int(ffi.cast("uintptr_t", ffi.from_buffer(self._map)))
+
+
+def ram_layout(size: int) -> list[tuple[int, int]]:
+    """Guest-physical (start, length) ranges of RAM for a guest of ``size`` bytes."""
+    low = min(size, MMIO_HOLE_START)
+    ranges = [(0, low)]
+    if size > low:
+        ranges.append((MMIO_HOLE_END, size - low))
+    return ranges
+
+
+class GuestMemory:
+    """The guest's RAM. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, size: int) -> None:
+        if not MIN_RAM <= size <= MAX_RAM or size % (4 * KiB):
+            raise GuestMemoryError(
+                f"guest memory must be a multiple of 4 KiB between {MIN_RAM // MiB} MiB and "
+                f"{MAX_RAM // GiB} GiB, not {size} bytes")
+        self.size = size
+        self.regions: list[Region] = []
+        for slot, (gpa, length) in enumerate(ram_layout(size)):
+            # MAP_NORESERVE: a large guest costs nothing until it touches its pages.
+            mm = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            self.regions.append(Region(gpa, length, slot, mm, memoryview(mm)))
+        self._starts = [r.gpa for r in self.regions]
+
+    def close(self) -> None:
+        for region in self.regions:
+            region._view.release()
+            region._map.close()
+        self.regions = []
+        self._starts = []
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def register(self, vm) -> None:
+        """Tell KVM about every region (KVM_SET_USER_MEMORY_REGION, one slot each)."""
+        for region in self.regions:
+            vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_addr)
+
+    # --- the checked door --------------------------------------------------------------------
+    def _locate(self, gpa: int, n: int) -> tuple[Region, int]:
+        """The region holding all of [gpa, gpa+n) and the offset of gpa in it, or raise."""
+        if type(gpa) is not int or type(n) is not int or gpa < 0 or n < 0:
+            raise GuestMemoryError(f"bad guest memory access: address {gpa!r}, length {n!r}")
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0:
+            region = self.regions[i]
+            if gpa + n <= region.end:
+                return region, gpa - region.gpa
+        raise GuestMemoryError(
+            f"guest-physical range {gpa:#x}+{n:#x} is not inside guest RAM ({self.describe()})")
+
+    def contains(self, gpa: int, n: int = 1) -> bool:
+        """True if [gpa, gpa+n) lies wholly inside one RAM region."""
+        try:
+            self._locate(gpa, n)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def read(self, gpa: int, n: int) -> bytes:
+        region, off = self._locate(gpa, n)
+        return region._map[off:off + n]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        region, off = self._locate(gpa, n)
+        region._view[off:off + n] = data
+
+    def fill(self, gpa: int, n: int, byte: int = 0) -> None:
+        """Set [gpa, gpa+n) to ``byte`` (zeroing bss, clearing page tables)."""
+        region, off = self._locate(gpa, n)
+        region._view[off:off + n] = bytes([byte]) * n
+
+    def view(self, gpa: int, n: int) -> memoryview:
+        """A writable memoryview of [gpa, gpa+n): zero-copy access for devices (disk I/O)."""
+        region, off = self._locate(gpa, n)
+        return region._view[off:off + n]
+
+    def read_u8(self, gpa: int) -> int:
+        region, off = self._locate(gpa, 1)
+        return region._view[off]
+
+    def read_u16(self, gpa: int) -> int:
+        region, off = self._locate(gpa, 2)
+        return _U16.unpack_from(region._view, off)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        region, off = self._locate(gpa, 4)
+        return _U32.unpack_from(region._view, off)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        region, off = self._locate(gpa, 8)
+        return _U64.unpack_from(region._view, off)[0]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        region, off = self._locate(gpa, 1)
+        region._view[off] = value & 0xFF
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        region, off = self._locate(gpa, 2)
+        _U16.pack_into(region._view, off, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        region, off = self._locate(gpa, 4)
+        _U32.pack_into(region._view, off, value & 0xFFFF_FFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        region, off = self._locate(gpa, 8)
+        _U64.pack_into(region._view, off, value & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def describe(self) -> str:
+        return ", ".join(f"{r.gpa:#x}-{r.end - 1:#x}" for r in self.regions)
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '512K', '16777216' -> bytes. Raises ValueError with a readable message."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": KiB, "M": MiB, "G": GiB}
+    mult = 1
+    if s and s[-1] in units:
+        mult = units[s[-1]]
+        s = s[:-1]
+    if not s.isdigit():
+        raise ValueError(f"not a size: {text!r} (use e.g. 64M, 1G, 512K)")
+    return int(s) * mult

@@ -1,0 +1,1 @@
+"""Architecture knowledge with no I/O: registers, segments, page tables, CPU modes."""
