@@ -16,7 +16,7 @@ from . import __version__
 from .boot import bundled
 from .boot.flat import load_flat
 from .errors import PykvmError, UsageError
-from .memory import parse_size
+from .memory import GuestMemoryError, check_ram_size, parse_size
 from .x86.modes import CpuMode
 
 
@@ -29,9 +29,11 @@ def _int(text: str) -> int:
 
 def _size(text: str) -> int:
     try:
-        return parse_size(text)
-    except ValueError as e:
+        size = parse_size(text)
+        check_ram_size(size)
+    except (ValueError, GuestMemoryError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return size
 
 
 def _seconds(text: str) -> float:
@@ -99,7 +101,7 @@ def cmd_run(args) -> int:
             print(f"{guest.name:<{width}}  {guest.mode.value:<8} {guest.about}")
         return 0
     plan = _plan_for(args)
-    from .machine import Machine   # imports KVM bits only when a VM is really wanted
+    from .machine import Machine  # imports KVM bits only when a VM is really wanted
     with Machine(mem_size=args.mem, irqchip=plan.irqchip) as machine:
         machine.load(plan)
         result = machine.run(timeout=args.timeout)

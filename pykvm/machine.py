@@ -155,7 +155,7 @@ class Machine:
     def kick_all(self) -> None:
         """Force every vCPU thread out of KVM_RUN: immediate_exit covers a thread about to enter,
         the signal interrupts one already inside (KVM_RUN returns EINTR)."""
-        for vcpu, thread in zip(self.vcpus, self._threads):
+        for vcpu, thread in zip(self.vcpus, self._threads, strict=False):
             run = vcpu.run_struct
             if run is not None:
                 run.immediate_exit = 1

@@ -68,14 +68,18 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def check_ram_size(size: int) -> None:
+    if not MIN_RAM <= size <= MAX_RAM or size % (4 * KiB):
+        raise GuestMemoryError(
+            f"guest memory must be a multiple of 4 KiB between {MIN_RAM // MiB} MiB and "
+            f"{MAX_RAM // GiB} GiB, not {size} bytes")
+
+
 class GuestMemory:
     """The guest's RAM. Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, size: int) -> None:
-        if not MIN_RAM <= size <= MAX_RAM or size % (4 * KiB):
-            raise GuestMemoryError(
-                f"guest memory must be a multiple of 4 KiB between {MIN_RAM // MiB} MiB and "
-                f"{MAX_RAM // GiB} GiB, not {size} bytes")
+        check_ram_size(size)
         self.size = size
         self.regions: list[Region] = []
         for slot, (gpa, length) in enumerate(ram_layout(size)):

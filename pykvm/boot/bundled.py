@@ -27,12 +27,12 @@ class BundledGuest:
 
 
 GUESTS = [
-    BundledGuest("hello-long64", CpuMode.LONG64, "prints its mode and CR0/CR4/EFER from 64-bit long mode (the default)"),
+    BundledGuest("hello-long64", CpuMode.LONG64, "prints its mode and CR0/CR4/EFER in 64-bit long mode (default)"),
     BundledGuest("hello-real", CpuMode.REAL, "the same program in 16-bit real mode"),
     BundledGuest("hello-prot32", CpuMode.PROT32, "the same program in 32-bit protected mode, paging off"),
     BundledGuest("hello-paged32", CpuMode.PAGED32, "the same program under 32-bit paging (4 MiB pages)"),
     BundledGuest("hello-pae", CpuMode.PAE, "the same program under PAE paging (2 MiB pages)"),
-    BundledGuest("mmio", CpuMode.LONG64, "reads and writes the MMIO test device at 0xd0000000 and checks the answers"),
+    BundledGuest("mmio", CpuMode.LONG64, "reads and writes the MMIO test device at 0xd0000000, checks the answers"),
     BundledGuest("spin", CpuMode.LONG64, "prints a line, then loops forever (try --timeout 2)"),
     BundledGuest("exitloop", CpuMode.PROT32, "takes N exits of one kind, silently (the exit-latency benchmark's guest)"),
 ]

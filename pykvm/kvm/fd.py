@@ -60,8 +60,9 @@ class _Fd:
 class Kvm(_Fd):
     """/dev/kvm: system-wide queries and VM creation (api.rst section 4, "system ioctl")."""
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
+    def __init__(self, path: str | None = None) -> None:
         self.fd = -1
+        path = path or os.environ.get("PYKVM_DEVICE", "/dev/kvm")   # override for tests
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

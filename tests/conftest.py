@@ -1,0 +1,51 @@
+"""Shared test helpers: the /dev/kvm gate, running the CLI, assembling tiny guests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _kvm_problem() -> str | None:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError as e:
+        return f"/dev/kvm is not usable here ({e.strerror}): these tests need KVM"
+    os.close(fd)
+    return None
+
+
+KVM_PROBLEM = _kvm_problem()
+needs_kvm = pytest.mark.skipif(KVM_PROBLEM is not None, reason=KVM_PROBLEM or "")
+
+
+def backend() -> str:
+    from pykvm.machine import host_backend
+    return host_backend()
+
+
+def run_pykvm(*args: str, timeout: float = 60, input: bytes | None = None, env: dict | None = None):
+    """Run ``python -m pykvm ARGS`` as a user would; returns CompletedProcess with bytes output."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pykvm", *args], capture_output=True, timeout=timeout,
+                          input=input if input is not None else b"", cwd=ROOT, env=full_env)
+
+
+def assemble(source: str, bits: int, tmp_path: Path) -> bytes:
+    """Assemble GNU as source into a flat binary (origin 0x8000)."""
+    if not (shutil.which("as") and shutil.which("ld") and shutil.which("objcopy")):
+        pytest.skip("binutils (as, ld, objcopy) are needed to assemble test guests")
+    src = tmp_path / "t.S"
+    src.write_text({16: ".code16\n", 32: ".code32\n", 64: ".code64\n"}[bits] + source + "\n")
+    obj, elf, out = tmp_path / "t.o", tmp_path / "t.elf", tmp_path / "t.bin"
+    subprocess.run(["as", "--64", "-o", obj, src], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x8000", "--build-id=none", "-o", elf, obj], check=True)
+    subprocess.run(["objcopy", "-O", "binary", elf, out], check=True)
+    return out.read_bytes()

@@ -1,0 +1,72 @@
+"""Buses: address -> (device, offset), unclaimed accesses read all ones and are counted."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pykvm.devices.bus import Bus, BusError
+from pykvm.devices.debug_exit import DebugExit, status_for
+from pykvm.devices.mmio_test import ID, MmioTestDevice
+
+
+class Recorder:
+    def __init__(self):
+        self.log = []
+
+    def read(self, offset, size):
+        self.log.append(("r", offset, size))
+        return offset
+
+    def write(self, offset, size, value):
+        self.log.append(("w", offset, size, value))
+
+
+def test_routes_to_device_with_offset():
+    bus, a, b = Bus("t"), Recorder(), Recorder()
+    bus.attach(a, 0x3F8, 8)
+    bus.attach(b, 0x80, 1)
+    assert bus.read(0x3FD, 1) == 5
+    bus.write(0x80, 1, 0x42)
+    assert a.log == [("r", 5, 1)] and b.log == [("w", 0, 1, 0x42)]
+
+
+@given(addr=st.integers(0, 0xFFFF), size=st.sampled_from([1, 2, 4, 8]))
+def test_unclaimed_reads_all_ones_and_is_counted(addr, size):
+    bus = Bus("t")
+    bus.attach(Recorder(), 0x1000, 0x10)
+    if 0x1000 <= addr < 0x1010:
+        return
+    assert bus.read(addr, size) == (1 << (8 * size)) - 1
+    bus.write(addr, size, 0)
+    assert bus.unclaimed[addr] == 2
+
+
+def test_overlap_is_refused():
+    bus = Bus("t")
+    bus.attach(Recorder(), 0x100, 0x10)
+    with pytest.raises(BusError):
+        bus.attach(Recorder(), 0x10F, 1)
+    with pytest.raises(BusError):
+        bus.attach(Recorder(), 0x0, 0)
+    bus.attach(Recorder(), 0x110, 1)   # adjacent is fine
+
+
+def test_debug_exit_status_is_qemu_convention():
+    seen = []
+    dev = DebugExit(lambda value, status: seen.append((value, status)))
+    for size, value in ((1, 0), (1, 0x2A), (2, 0x1234), (4, 7)):
+        dev.write(0, size, value)
+    assert seen == [(0, 1), (0x2A, 85), (0x1234, 0x2469), (7, 15)]
+    assert status_for(1) == 3
+
+
+def test_mmio_test_device_registers():
+    dev = MmioTestDevice()
+    assert dev.read(0, 4) == ID and dev.read(0, 1) == ord("M")
+    dev.write(8, 8, 0x1122334455667788)
+    assert dev.read(8, 8) == 0x1122334455667788 and dev.read(8, 2) == 0x7788
+    assert dev.read(0x10, 4) == (~0x55667788) & 0xFFFFFFFF
+    dev.write(0, 4, 0)   # ID is read-only
+    assert dev.read(0, 4) == ID
