@@ -1,0 +1,57 @@
+"""The exit-latency benchmark runs end to end in a tiny configuration and reports what it promises.
+
+Only the shape of the result is checked (four kinds, positive times, ratio = pykvm / C): timings
+depend on the host, so no threshold is asserted here. The real numbers come from running
+``python -m benchmarks.exit_latency`` with its defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = {"pio_out", "pio_in", "mmio_write", "mmio_read"}
+
+
+def _kvm_usable() -> bool:
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _kvm_usable(), reason="/dev/kvm is missing or not accessible: no VM can run")
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is missing: the C baseline cannot be built")
+def test_exit_latency_tiny_run_reports_four_kinds():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.exit_latency", "--count", "200", "--repeat", "1", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "host backend:" in proc.stderr and "1.3" in proc.stderr
+    result = json.loads(proc.stdout)          # exactly one JSON object on stdout
+    assert set(result) == KINDS
+    for kind, row in result.items():
+        assert set(row) == {"pykvm_us", "c_us", "ratio"}, kind
+        assert row["pykvm_us"] > 0 and row["c_us"] > 0 and row["ratio"] > 0, (kind, row)
+        assert row["ratio"] == pytest.approx(row["pykvm_us"] / row["c_us"], abs=6e-4), (kind, row)
+
+
+def test_missing_gcc_is_reported_with_status_2(monkeypatch, capsys):
+    if str(ROOT) not in sys.path:
+        monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import exit_latency
+
+    monkeypatch.setattr(exit_latency.shutil, "which", lambda name: None)
+    assert exit_latency.main(["--count", "1", "--repeat", "1", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "gcc is not installed" in captured.err
