@@ -14,6 +14,8 @@ from pathlib import Path
 
 from . import __version__
 from .boot import bundled
+from .boot.detect import load_kernel
+from .boot.firmware import bundled_firmware, read_firmware
 from .boot.flat import load_flat
 from .errors import PykvmError, UsageError
 from .memory import GuestMemoryError, check_ram_size, parse_size
@@ -58,9 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot a guest (default: the bundled 64-bit demo)",
                          description="Boot a bundled guest by name, or a flat binary file.")
-    run.add_argument("image", nargs="?", default=bundled.DEFAULT.name,
+    run.add_argument("image", nargs="?", default=None,
                      help=f"a bundled guest name (default {bundled.DEFAULT.name}) or a flat binary file")
     run.add_argument("--list", action="store_true", help="list the bundled guests and exit")
+    run.add_argument("-k", "--kernel", metavar="FILE",
+                     help="a kernel: Multiboot (ELF or a.out kludge), ELF32/ELF64, or a flat binary")
+    run.add_argument("-p", "--append", default="", metavar="CMDLINE", help="the kernel command line")
+    run.add_argument("--module", action="append", default=[], metavar="FILE[,ARGS]",
+                     help="a Multiboot module and its argument string (repeatable)")
+    run.add_argument("-c", "--cpus", type=_int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("--firmware", metavar="FILE", nargs="?", const="",
+                     help="start at the reset vector in this firmware (default: the bundled pykvm-fw.bin), "
+                          "which enters the kernel or guest")
     run.add_argument("--mode", choices=[m.value for m in CpuMode],
                      help="CPU mode to start a flat binary in (default: long64; bundled guests know their own)")
     run.add_argument("--load-addr", type=_int, default=None, metavar="ADDR",
@@ -101,8 +112,11 @@ def cmd_run(args) -> int:
             print(f"{guest.name:<{width}}  {guest.mode.value:<8} {guest.about}")
         return 0
     plan = _plan_for(args)
+    firmware = None
+    if args.firmware is not None:
+        firmware = read_firmware(args.firmware or str(bundled_firmware()))
     from .machine import Machine  # imports KVM bits only when a VM is really wanted
-    with Machine(mem_size=args.mem, irqchip=plan.irqchip) as machine:
+    with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware) as machine:
         machine.load(plan)
         result = machine.run(timeout=args.timeout)
     if result.report or not args.quiet:
@@ -112,22 +126,37 @@ def cmd_run(args) -> int:
     return result.status
 
 
+def _read(path: str, what: str) -> bytes:
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what} {path} is a directory, not a file")
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
 def _plan_for(args):
-    path = Path(args.image)
-    if path.exists() or "/" in args.image or path.suffix:
-        if path.is_dir():
-            raise UsageError(f"{args.image} is a directory, not a guest image")
-        try:
-            image = path.read_bytes()
-        except OSError as e:
-            raise UsageError(f"cannot read {args.image}: {e.strerror}") from None
-        mode = CpuMode(args.mode or "long64")
-        name = args.image
+    if args.kernel is not None:
+        if args.image is not None:
+            raise UsageError(f"give either a guest ({args.image}) or --kernel, not both")
+        modules = []
+        for spec in args.module:
+            path, _, margs = spec.partition(",")
+            modules.append((path, _read(path, "module"), margs))
+        load_addr = bundled.LOAD_ADDR if args.load_addr is None else args.load_addr
+        return load_kernel(_read(args.kernel, "kernel"), args.mem, name=args.kernel, cmdline=args.append,
+                           modules=modules, mode=CpuMode(args.mode or "long64"), load_addr=load_addr)
+    if args.module or args.append:
+        raise UsageError("--append and --module need a --kernel")
+    name = args.image or bundled.DEFAULT.name
+    if Path(name).exists() or "/" in name or Path(name).suffix:   # a file of the user's
+        image, mode = _read(name, "guest image"), CpuMode(args.mode or "long64")
     else:
-        guest = bundled.find(args.image)
+        guest = bundled.find(name)
         if args.mode and CpuMode(args.mode) is not guest.mode:
             raise UsageError(f"{guest.name} is built for {guest.mode.value} mode; --mode {args.mode} would not run it")
-        image, mode, name = guest.path.read_bytes(), guest.mode, guest.name
+        image, mode = guest.path.read_bytes(), guest.mode
     load_addr = bundled.LOAD_ADDR if args.load_addr is None else args.load_addr
     return load_flat(image, load_addr, mode, args.mem, name=name)
 

@@ -3,48 +3,87 @@
 Life of a run::
 
     Machine(...)            open /dev/kvm, create the VM, map RAM, attach devices
-    .load(plan)             copy a BootPlan's bytes into RAM and set each vCPU's registers
+    .load(plan)             copy a BootPlan's bytes into RAM and set the boot vCPU's registers
     .run(timeout)           one thread per vCPU loops on KVM_RUN; the calling thread waits
                             for the end (debug-exit, halt, shutdown, timeout, Ctrl-C, error)
     .close()                every thread joined, every descriptor closed
 
 ``KVM_RUN`` releases the GIL, so vCPUs run in parallel and Python runs only while an exit is
-handled. That path is kept short: a table lookup by exit reason, the bus lookup, the device.
+handled. That path (:meth:`Machine._exit_loop`) is kept short: one ``struct`` unpack of the exit,
+a dict lookup of the port, the device's method.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import struct
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .boot import BootPlan
+from .boot import BIOS_AREA, BootPlan
+from .boot.firmware import HANDOFF_ADDR, handoff_block
 from .devices.bus import Bus, IrqLine
+from .devices.cmos import Cmos
 from .devices.debug_exit import PORT as DEBUG_EXIT_PORT
 from .devices.debug_exit import DebugExit
+from .devices.fw_cfg import FwCfg
+from .devices.i8042 import I8042
 from .devices.mmio_test import BASE as MMIO_TEST_BASE
 from .devices.mmio_test import SIZE as MMIO_TEST_SIZE
 from .devices.mmio_test import MmioTestDevice
+from .devices.pci import PciConfigIo
+from .devices.poweroff import PowerOff
 from .devices.sink import POST_PORT, Sink
 from .devices.uart import Uart16550
-from .errors import KvmUnsupported, PykvmError
-from .kvm import ExitReason, Kvm
-from .kvm.abi import ffi
+from .errors import KvmUnsupported, PykvmError, UsageError
+from .kvm import ExitReason, Ioctl, Kvm, KvmError
+from .kvm.abi import ffi, libc
 from .kvm.constants import (
     KVM_EXIT_IO_OUT,
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED,
     KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 )
-from .memory import GuestMemory
+from .memory import MMIO_HOLE_START, GuestMemory
+from .x86 import emulate
+from .x86.cpuid import vcpu_cpuid
+from .x86.mptable import build_mptable
 from .x86.registers import CR0, CR4, EFER
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
+CMOS_PORT = 0x70
+I8042_DATA_PORT, I8042_COMMAND_PORT = 0x60, 0x64
+PCI_CONFIG_PORT = 0xCF8
+POWEROFF_PORT = 0x8900
+FW_CFG_PORT = 0x510
+# Ports that guests (Linux above all) probe and that need no behaviour: claimed as explicit sinks
+# so probing is neither fatal nor counted as a stray access. With the in-kernel irqchip, KVM
+# answers the PIC and PIT ports itself and these never see an access. (port, length, what)
+PROBED_PORTS = [
+    (0x20, 2, "PIC master"),
+    (0xA0, 2, "PIC slave"),
+    (0x40, 4, "PIT"),
+    (0x61, 1, "PC speaker / NMI status"),
+    (0x87, 1, "DMA page register"),
+    (0xED, 1, "I/O delay port"),
+    (0x2F8, 8, "COM2 (absent)"),
+    (0x3E8, 8, "COM3 (absent)"),
+    (0x2E8, 8, "COM4 (absent)"),
+]
+MAX_CPUS = 64
+IDLE_POLL = 0.2     # seconds between idle probes when HLT is handled inside KVM
+FIRMWARE_END = 1 << 32
 
 # Exit statuses of a run (see README "Exit status").
 STATUS_OK = 0
@@ -53,7 +92,16 @@ STATUS_TIMEOUT = 124
 STATUS_INTERRUPTED = 130
 
 _KICK_SIGNAL = signal.SIGUSR1
+_PARKED = (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED)
 _UNPACK = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+# struct kvm_run, read in one unpack per exit (offsets proven by tests/test_abi.py):
+# exit_reason at 8; io {direction, size, port, count, data_offset} at 32.
+_RUN_IO = struct.Struct("<I20xBBHIQ")
+_IO_AT = ffi.offsetof("struct kvm_run", "exit_reason")
+# mmio {phys_addr, data[8], len, is_write} at 32.
+_RUN_MMIO = struct.Struct("<Q8xIB")
+_MMIO_AT = ffi.offsetof("struct kvm_run", "mmio")
+_MMIO_DATA = _MMIO_AT + 8
 
 
 @dataclass
@@ -77,30 +125,39 @@ class KvmIrqLine(IrqLine):
 
 
 class Machine:
-    """A PC-like VM: RAM, a COM1 UART, the debug-exit port, the MMIO test device, N vCPUs."""
+    """A PC-like VM: RAM, legacy devices, the MMIO test device, N vCPUs, optional firmware."""
 
     def __init__(self, mem_size: int = 64 << 20, cpus: int = 1, irqchip: bool = False,
-                 serial_out: Callable[[bytes], None] | None = None) -> None:
+                 serial_out: Callable[[bytes], None] | None = None, firmware: bytes | None = None) -> None:
+        if not 1 <= cpus <= MAX_CPUS:
+            raise UsageError(f"--cpus must be between 1 and {MAX_CPUS}, not {cpus}")
         self._closing: list[Callable[[], None]] = []
+        self._threads: list[threading.Thread] = []
         self.kvm = Kvm()
         self._closing.append(self.kvm.close)
         try:
-            self._build(mem_size, cpus, irqchip, serial_out)
+            # Application processors are started with INIT/SIPI through the local APIC.
+            self._build(mem_size, cpus, irqchip or cpus > 1, serial_out, firmware)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, mem_size, cpus, irqchip, serial_out) -> None:
+    def _build(self, mem_size, cpus, irqchip, serial_out, firmware) -> None:
         self.vm = self.kvm.create_vm()
         self._closing.insert(0, self.vm.close)
         self.irqchip = irqchip
         if irqchip:
-            self.vm.set_tss_addr(0xFFFB_D000)          # three pages just below the firmware
+            # Intel needs three pages for a real-mode TSS and one for an identity map; any
+            # guest-physical space that is not RAM will do: just below the firmware.
+            self.vm.set_tss_addr(0xFFFB_D000)
             self.vm.set_identity_map_addr(0xFFFB_C000)
             self.vm.create_irqchip()
             self.vm.create_pit2()
         self.memory = GuestMemory(mem_size)
         self._closing.insert(0, self.memory.close)
+        self.firmware = firmware
+        if firmware is not None:
+            self.memory.add_rom(FIRMWARE_END - len(firmware), firmware)
         self.memory.register(self.vm)
 
         self.pio = Bus("port I/O")
@@ -110,15 +167,32 @@ class Machine:
         self.pio.attach(self.uart, COM1_PORT, 8)
         self.pio.attach(DebugExit(self._on_debug_exit), DEBUG_EXIT_PORT, 1)
         self.pio.attach(Sink("POST"), POST_PORT, 1)
+        self.pio.attach(Cmos(ram_below_4g=min(mem_size, MMIO_HOLE_START),
+                             ram_above_4g=max(0, mem_size - MMIO_HOLE_START)), CMOS_PORT, 2)
+        i8042 = I8042(on_reset=self._on_reset)
+        self.pio.attach(i8042.data, I8042_DATA_PORT, 1)
+        self.pio.attach(i8042.command, I8042_COMMAND_PORT, 1)
+        self.pio.attach(PciConfigIo(), PCI_CONFIG_PORT, 8)
+        self.pio.attach(PowerOff(on_poweroff=self._on_poweroff), POWEROFF_PORT, 1)
+        for port, length, name in PROBED_PORTS:
+            self.pio.attach(Sink(name), port, length)
+        self.fw_cfg = FwCfg(ram_size=mem_size, nb_cpus=cpus, max_cpus=cpus)
+        self.pio.attach(self.fw_cfg, FW_CFG_PORT, 2)
         self.mmio_test = MmioTestDevice()
         self.mmio.attach(self.mmio_test, MMIO_TEST_BASE, MMIO_TEST_SIZE)
 
         self.vcpus = [self.vm.create_vcpu(i) for i in range(cpus)]
+        supported = self.kvm.get_supported_cpuid()
+        for vcpu in self.vcpus:
+            vcpu.set_cpuid2(vcpu_cpuid(supported, apic_id=vcpu.id, ncpus=cpus))
         self.exit_counts = [[0] * 64 for _ in self.vcpus]   # per vCPU, per exit reason
+        self.emulated: Counter[str] = Counter()   # instructions completed by pykvm.x86.emulate
+        # Idle detection (in-kernel irqchip only): what each vCPU reported when last probed.
+        self._probe = [False] * cpus
+        self._idle: list[tuple[int, int, int] | None] = [None] * cpus   # (mp_state, if_flag, exits)
         self._result: RunResult | None = None
         self._result_lock = threading.Lock()
         self._done = threading.Event()
-        self._threads: list[threading.Thread] = []
 
     def close(self) -> None:
         self.stop_threads()
@@ -134,11 +208,21 @@ class Machine:
 
     # --- boot ------------------------------------------------------------------------------
     def load(self, plan: BootPlan) -> None:
-        """Place a BootPlan's bytes in RAM and give every vCPU its initial state."""
+        """Place a BootPlan's bytes in RAM and start the boot vCPU in the plan's state.
+
+        With firmware, the vCPU keeps its reset state (real mode at 0xFFFFFFF0) and the firmware
+        finds the plan's entry state in a hand-off block instead. Application processors stay
+        parked until the guest sends them INIT/SIPI, as on hardware."""
         for gpa, data in plan.writes:
             self.memory.write(gpa, data)
-        for vcpu in self.vcpus[:1]:   # APs stay in wait-for-SIPI, as on hardware
-            _apply_cpu_state(vcpu, plan.cpu)
+        if self.irqchip:
+            # KVM's default GSI routing wires the PIT (GSI 0) to IOAPIC pin 0, so the table says so.
+            self.memory.write(BIOS_AREA[0], build_mptable(len(self.vcpus), BIOS_AREA[0], irq0_pin=0))
+        self.fw_cfg.set_boot(kernel=plan.kernel, initrd=plan.initrd, cmdline=plan.cmdline)
+        if self.firmware is None:
+            _apply_cpu_state(self.vcpus[0], plan.cpu)
+        else:
+            self.memory.write(HANDOFF_ADDR, handoff_block(plan.cpu))
 
     # --- ending a run ----------------------------------------------------------------------
     def end(self, status: int, reason: str, report: str = "") -> None:
@@ -149,21 +233,30 @@ class Machine:
         self._done.set()
         self.kick_all()
 
+    def _on_reset(self) -> None:
+        self.end(STATUS_OK, "the guest reset the machine (i8042 reset line)")
+
+    def _on_poweroff(self) -> None:
+        self.end(STATUS_OK, "the guest powered off (Bochs/QEMU shutdown port)")
+
     def _on_debug_exit(self, value: int, status: int) -> None:
         self.end(status, f"guest wrote {value:#x} to the debug-exit port")
 
     def kick_all(self) -> None:
-        """Force every vCPU thread out of KVM_RUN: immediate_exit covers a thread about to enter,
+        for i in range(len(self._threads)):
+            self._kick(i)
+
+    def _kick(self, i: int) -> None:
+        """Force vCPU i's thread out of KVM_RUN: immediate_exit covers a thread about to enter,
         the signal interrupts one already inside (KVM_RUN returns EINTR)."""
-        for vcpu, thread in zip(self.vcpus, self._threads, strict=False):
-            run = vcpu.run_struct
-            if run is not None:
-                run.immediate_exit = 1
-            if thread.is_alive() and thread.ident is not None and thread is not threading.current_thread():
-                try:
-                    signal.pthread_kill(thread.ident, _KICK_SIGNAL)
-                except (ProcessLookupError, OSError):
-                    pass
+        run, thread = self.vcpus[i].run_struct, self._threads[i]
+        if run is not None:
+            run.immediate_exit = 1
+        if thread.is_alive() and thread.ident is not None and thread is not threading.current_thread():
+            try:
+                signal.pthread_kill(thread.ident, _KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
 
     def stop_threads(self) -> None:
         if self._threads:
@@ -182,8 +275,7 @@ class Machine:
         try:
             for thread in self._threads:
                 thread.start()
-            if not self._done.wait(timeout):
-                self.end(STATUS_TIMEOUT, f"timed out after {timeout:g} s; the guest was still running")
+            self._wait(timeout)
         except KeyboardInterrupt:
             self.end(STATUS_INTERRUPTED, "interrupted (Ctrl-C)")
         finally:
@@ -196,6 +288,41 @@ class Machine:
         assert self._result is not None
         return self._result
 
+    def _wait(self, timeout: float | None) -> None:
+        """Wait for the end; meanwhile enforce the timeout and look for a machine that went idle."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = IDLE_POLL if self.irqchip else None
+            if deadline is not None:
+                left = max(deadline - time.monotonic(), 0)
+                wait = left if wait is None else min(wait, left)
+            if self._done.wait(wait):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                self.end(STATUS_TIMEOUT, f"timed out after {timeout:g} s; the guest was still running")
+                return
+            if self.irqchip:
+                self._check_idle()
+
+    def _check_idle(self) -> None:
+        """With an in-kernel irqchip, HLT never reaches us: a vCPU that halts with interrupts off
+        just sleeps inside KVM_RUN. So every IDLE_POLL seconds, probe each vCPU that took no exit
+        since it was last seen (kick it out; it reports its MP state). When every vCPU is halted
+        with interrupts off, or parked waiting for a SIPI, and none has run since saying so, the
+        machine can never do anything again: the run ends, as it would on a HLT exit."""
+        dead = 0
+        for i in range(len(self.vcpus)):
+            idle = self._idle[i]
+            if idle is not None and idle[2] == sum(self.exit_counts[i]):
+                state, if_flag, _ = idle
+                if (state == KVM_MP_STATE_HALTED and not if_flag) or state in _PARKED:
+                    dead += 1
+                continue
+            self._probe[i] = True
+            self._kick(i)
+        if dead == len(self.vcpus) and any(idle[0] == KVM_MP_STATE_HALTED for idle in self._idle):
+            self.end(STATUS_OK, "every vCPU halted with interrupts disabled")
+
     def _vcpu_thread(self, vcpu) -> None:
         try:
             self._exit_loop(vcpu)
@@ -207,36 +334,65 @@ class Machine:
                      traceback.format_exc())
 
     def _exit_loop(self, vcpu) -> None:
-        """The VM-exit loop of one vCPU: run, dispatch on the exit reason, repeat."""
+        """The VM-exit loop of one vCPU: KVM_RUN, dispatch on the exit reason, repeat.
+
+        This is the hot path, so it binds everything to locals, calls the ioctl directly rather
+        than through Vcpu.run, reads each exit with a single struct unpack over the kvm_run page,
+        and finds port devices in the bus's cache. Rarer exits go through a table."""
         run = vcpu.run_struct
-        io, mmio = run.io, run.mmio
         data = memoryview(vcpu._map)
-        mmio_data = ffi.offsetof("struct kvm_run", "mmio") + 8
         counts = self.exit_counts[vcpu.id]
-        pio, mmio_bus, done = self.pio, self.mmio, self._done
-        vcpu_run = vcpu.run
+        ioctl, fd, request, null = libc.ioctl, vcpu.fd, int(Ioctl.KVM_RUN), ffi.NULL
+        read_io, read_mmio = _RUN_IO.unpack_from, _RUN_MMIO.unpack_from
+        unpack = {n: s.unpack_from for n, s in _UNPACK.items()}
+        pack = {n: s.pack_into for n, s in _UNPACK.items()}
+        pio, pio_cache, mmio_bus, mmio_cache = self.pio, self.pio.cache, self.mmio, self.mmio.cache
+        done = self._done
         slow = self._slow_exits
-        IO, MMIO = ExitReason.IO, ExitReason.MMIO
-        while not done.is_set():
-            reason = vcpu_run()
+        IO, MMIO, INTR = int(ExitReason.IO), int(ExitReason.MMIO), int(ExitReason.INTR)
+        while True:
+            if ioctl(fd, request, null) < 0:
+                err = ffi.errno
+                if err != errno.EINTR and err != errno.EAGAIN:
+                    raise KvmError(Ioctl.KVM_RUN, err, f"vcpu {vcpu.id}")
+                counts[INTR] += 1           # a kick (or a woken AP): see whether we should stop
+                run.immediate_exit = 0
+                if done.is_set():
+                    return
+                if self._probe[vcpu.id]:
+                    self._probe[vcpu.id] = False
+                    self._idle[vcpu.id] = (vcpu.get_mp_state(), run.if_flag, sum(counts))
+                continue
+            reason, direction, size, port, count, off = read_io(data, _IO_AT)
             counts[reason] += 1
             if reason == IO:
-                port, size, count, off = io.port, io.size, io.count, io.data_offset
                 if count == 1:
-                    if io.direction == KVM_EXIT_IO_OUT:
-                        pio.write(port, size, _UNPACK[size].unpack_from(data, off)[0])
+                    hit = pio_cache.get(port)
+                    if direction == KVM_EXIT_IO_OUT:
+                        value = unpack[size](data, off)[0]
+                        if hit is None:
+                            pio.write(port, size, value)
+                        else:
+                            hit[0].write(hit[1], size, value)
                     else:
-                        _UNPACK[size].pack_into(data, off, pio.read(port, size))
+                        value = pio.read(port, size) if hit is None else hit[0].read(hit[1], size)
+                        pack[size](data, off, value)
                 else:
-                    self._string_io(vcpu, port, size, count, off, io.direction == KVM_EXIT_IO_OUT)
+                    self._string_io(vcpu, port, size, count, off, direction == KVM_EXIT_IO_OUT)
             elif reason == MMIO:
-                addr, n = mmio.phys_addr, mmio.len
-                if mmio.is_write:
-                    mmio_bus.write(addr, n, int.from_bytes(data[mmio_data:mmio_data + n], "little"))
+                addr, n, is_write = read_mmio(data, _MMIO_AT)
+                if n not in unpack:
+                    raise PykvmError(f"MMIO access of {n} bytes at {addr:#x}: KVM should never report that")
+                hit = mmio_cache.get(addr)
+                if is_write:
+                    value = unpack[n](data, _MMIO_DATA)[0]
+                    if hit is None:
+                        mmio_bus.write(addr, n, value)
+                    else:
+                        hit[0].write(hit[1], n, value)
                 else:
-                    data[mmio_data:mmio_data + n] = mmio_bus.read(addr, n).to_bytes(n, "little")
-            elif reason == -1:          # EINTR/EAGAIN: a kick or a woken AP; check `done` and go on
-                run.immediate_exit = 0
+                    value = mmio_bus.read(addr, n) if hit is None else hit[0].read(hit[1], n)
+                    pack[n](data, _MMIO_DATA, value)
             else:
                 handler = slow.get(reason)
                 if handler is None:
@@ -244,6 +400,8 @@ class Machine:
                              self.describe_vcpu(vcpu))
                     return
                 handler(vcpu)
+                if done.is_set():
+                    return
 
     def _string_io(self, vcpu, port: int, size: int, count: int, off: int, out: bool) -> None:
         """rep outs/ins: ``count`` elements of ``size`` bytes in the kvm_run data area, one by one."""
@@ -284,9 +442,35 @@ class Machine:
                                f"reason {reason:#x}): the vCPU state is invalid", self.describe_vcpu(vcpu))
 
     def _on_internal_error(self, vcpu) -> None:
-        internal = vcpu.run_struct.internal
-        self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM internal error, suberror {internal.suberror}"
-                 + _suberror_text(internal.suberror), self.describe_vcpu(vcpu))
+        suberror = vcpu.run_struct.internal.suberror
+        if suberror != KVM_INTERNAL_ERROR_EMULATION:
+            self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM internal error, suberror {suberror}"
+                     + _suberror_text(suberror), self.describe_vcpu(vcpu))
+            return
+        insn = self._failed_instruction(vcpu)
+        outcome = emulate.complete(vcpu, insn)
+        self.emulated[outcome.reason] += 1
+        if outcome.resumed:
+            return
+        if outcome.reset:
+            self.end(STATUS_OK, f"vCPU {vcpu.id}: {outcome.reason}")
+            return
+        self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM could not emulate the instruction at RIP "
+                 f"(bytes {insn.hex(' ') or 'unavailable'}) and pykvm does not complete it either",
+                 self.describe_vcpu(vcpu))
+
+    def _failed_instruction(self, vcpu) -> bytes:
+        """The bytes of the instruction KVM gave up on: from the exit when KVM supplies them
+        (KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES), else read at RIP through the
+        guest's page tables."""
+        failure = vcpu.run_struct.emulation_failure
+        if failure.ndata >= 3 and failure.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            return bytes(failure.insn_bytes[0:min(failure.insn_size, 15)])
+        from .debug.report import code_at_rip
+        try:
+            return code_at_rip(vcpu, self.memory, 15)[1]
+        except Exception:   # RIP may point anywhere: then there is nothing to complete
+            return b""
 
     def _on_system_event(self, vcpu) -> None:
         kind = vcpu.run_struct.system_event.type
@@ -336,10 +520,11 @@ def _check_mode_taken(vcpu, cpu) -> None:
               "CR4.PAE": (cpu.cr4, got.cr4, CR4.PAE), "EFER.LME": (cpu.efer, got.efer, EFER.LME)}
     dropped = [name for name, (want, have, bit) in wanted.items() if want & bit and not have & bit]
     if dropped:
+        backend = host_backend()
         raise KvmUnsupported(
-            f"this host's KVM ({host_backend()}) does not support {cpu.mode.description}: it accepted "
+            f"this host's KVM ({backend}) does not support {cpu.mode.description}: it accepted "
             f"the vCPU state but cleared {', '.join(dropped)}. "
-            + ("kvm_pvm supports paging only in 64-bit long mode. " if host_backend() == "kvm_pvm" else "")
+            + ("kvm_pvm supports paging only in 64-bit long mode. " if backend == "kvm_pvm" else "")
             + "Use a mode this host supports (real, prot32, long64) or a host with hardware KVM.")
 
 
@@ -377,7 +562,3 @@ def _stdout_write(data: bytes) -> None:
 
 def _ignore_signal(signum, frame) -> None:
     pass
-
-
-def wall_time() -> float:
-    return time.monotonic()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from .errors import PykvmError
 from .kvm.abi import ffi
+from .kvm.constants import KVM_MEM_READONLY
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -49,6 +50,7 @@ class Region:
     slot: int
     _map: mmap.mmap = field(repr=False)
     _view: memoryview = field(repr=False)
+    readonly: bool = False   # ROM: the guest's writes exit to the VMM as MMIO and are dropped
 
     @property
     def end(self) -> int:
@@ -101,10 +103,26 @@ class GuestMemory:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def add_rom(self, gpa: int, data: bytes) -> Region:
+        """Map ``data`` read-only at ``gpa`` (firmware below 4 GiB). Call before :meth:`register`.
+
+        The region must be page-aligned and lie outside every other region."""
+        size = -(-len(data) // (4 * KiB)) * (4 * KiB)
+        if gpa % (4 * KiB) or not data or any(gpa < r.end and r.gpa < gpa + size for r in self.regions):
+            raise GuestMemoryError(f"cannot place a {len(data)}-byte ROM at {gpa:#x}: "
+                                   "it must be page-aligned and not overlap RAM")
+        mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm[:len(data)] = data
+        region = Region(gpa, size, len(self.regions), mm, memoryview(mm), readonly=True)
+        self.regions = sorted(self.regions + [region], key=lambda r: r.gpa)
+        self._starts = [r.gpa for r in self.regions]
+        return region
+
     def register(self, vm) -> None:
         """Tell KVM about every region (KVM_SET_USER_MEMORY_REGION, one slot each)."""
         for region in self.regions:
-            vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_addr)
+            flags = KVM_MEM_READONLY if region.readonly else 0
+            vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_addr, flags)
 
     # --- the checked door --------------------------------------------------------------------
     def _locate(self, gpa: int, n: int) -> tuple[Region, int]:

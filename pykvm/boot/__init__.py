@@ -19,6 +19,41 @@ class BootPlan:
     writes: list[tuple[int, bytes]] = field(default_factory=list)   # (guest-physical, bytes)
     description: str = ""
     irqchip: bool = False     # does the guest expect interrupt controllers (PIC/IOAPIC/LAPIC, PIT)?
+    # What firmware-style interfaces (fw_cfg) report about the boot:
+    cmdline: str = ""
+    kernel: bytes = b""
+    initrd: bytes = b""
+
+
+# Memory-map entry types, as the BIOS E820 call, Multiboot and PVH number them.
+E820_RAM = 1
+E820_RESERVED = 2
+
+EBDA_START = 0x9FC00          # the last KiB of conventional memory, kept for the BIOS on a PC
+BIOS_AREA = (0xF0000, 0x100000)   # where the MP floating pointer and tables live
+
+
+def memory_map(mem_size: int) -> list[tuple[int, int, int]]:
+    """The guest's physical memory map as (start, length, type), in address order.
+
+    RAM as laid out by :func:`pykvm.memory.ram_layout`, with the PC's traditional holes marked
+    reserved: the EBDA below 640 KiB, the VGA/ROM window 0xA0000-0xFFFFF (0xF0000 up holds the MP
+    table). Kernels trust this map, so it must be exactly what is there.
+    """
+    entries: list[tuple[int, int, int]] = []
+    for start, length in ram_layout(mem_size):
+        end = start + length
+        if start == 0:
+            entries.append((0, min(end, EBDA_START), E820_RAM))
+            if end > EBDA_START:
+                entries.append((EBDA_START, 0xA0000 - EBDA_START, E820_RESERVED))
+            if end > BIOS_AREA[0]:
+                entries.append((BIOS_AREA[0], BIOS_AREA[1] - BIOS_AREA[0], E820_RESERVED))
+            if end > 0x100000:
+                entries.append((0x100000, end - 0x100000, E820_RAM))
+        else:
+            entries.append((start, length, E820_RAM))
+    return entries
 
 
 def check_fits(what: str, start: int, length: int, mem_size: int) -> None:

@@ -34,7 +34,7 @@ GUESTS = [
     BundledGuest("hello-pae", CpuMode.PAE, "the same program under PAE paging (2 MiB pages)"),
     BundledGuest("mmio", CpuMode.LONG64, "reads and writes the MMIO test device at 0xd0000000, checks the answers"),
     BundledGuest("spin", CpuMode.LONG64, "prints a line, then loops forever (try --timeout 2)"),
-    BundledGuest("exitloop", CpuMode.PROT32, "takes N exits of one kind, silently (the exit-latency benchmark's guest)"),
+    BundledGuest("exitloop", CpuMode.PROT32, "takes N exits of one kind, silently (exit-latency benchmark guest)"),
 ]
 DEFAULT = GUESTS[0]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..memory import GuestMemoryError
 from ..x86.modes import mode_of
 from ..x86.paging import PageFault, translate
 from .disasm import format_listing
@@ -33,16 +34,25 @@ def describe_vcpu(vcpu, memory) -> str:
         f"efer={sregs.efer:x}",
     ]
     bits = code_bits(sregs)
-    linear = (sregs.cs.base + r.rip) & (0xFFFF_FFFF_FFFF_FFFF if bits == 64 else 0xFFFF_FFFF)
     try:
-        phys = translate(memory, linear, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer)
-        code = memory.read(phys, _readable(memory, phys, 64))
-    except (PageFault, Exception) as e:   # GuestMemoryError included: RIP may point anywhere
+        linear, code, phys = code_at_rip(vcpu, memory, 64, regs, sregs)
+    except (PageFault, GuestMemoryError) as e:   # RIP may point anywhere
         lines.append(f"  code at rip: unreadable ({e})")
     else:
         lines.append(f"  code at rip ({bits}-bit, linear {linear:#x} = physical {phys:#x}):")
         lines.append(format_listing(code, linear, bits, limit=6, mark=linear))
     return "\n".join(lines)
+
+
+def code_at_rip(vcpu, memory, n: int, regs=None, sregs=None) -> tuple[int, bytes, int]:
+    """(linear address, up to n code bytes, physical address) at the vCPU's CS:RIP, read through
+    the guest's own page tables. Raises PageFault or GuestMemoryError if RIP is not mapped."""
+    regs = regs or vcpu.get_regs()
+    sregs = sregs or vcpu.get_sregs()
+    bits = code_bits(sregs)
+    linear = (sregs.cs.base + regs.rip) & (0xFFFF_FFFF_FFFF_FFFF if bits == 64 else 0xFFFF_FFFF)
+    phys = translate(memory, linear, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer)
+    return linear, memory.read(phys, _readable(memory, phys, n)), phys
 
 
 def _readable(memory, gpa: int, n: int) -> int:

@@ -65,6 +65,10 @@ class Bus:
         self._starts: list[int] = []
         self._ranges: list[tuple[int, int, object]] = []  # (start, end, device), sorted
         self.unclaimed: Counter[int] = Counter()  # address -> number of unclaimed accesses
+        # address -> (device, offset) for claimed addresses already looked up: the exit loop's
+        # fast path. Only claimed addresses enter it, so a guest probing at random cannot grow it
+        # beyond the sizes of the attached ranges.
+        self.cache: dict[int, tuple[object, int]] = {}
         self._lock = threading.Lock()
 
     def attach(self, device: object, base: int, length: int) -> None:
@@ -81,6 +85,7 @@ class Bus:
             ranges = sorted(self._ranges + [(base, end, device)], key=lambda r: r[0])
             self._ranges = ranges
             self._starts = [r[0] for r in ranges]
+            self.cache.clear()   # in place: the exit loops hold this dict
 
     def find(self, addr: int) -> tuple[object, int] | None:
         """Return (device, offset) for ``addr``, or None if nobody claims it."""
@@ -92,21 +97,24 @@ class Bus:
                 return device, addr - start
         return None
 
-    def read(self, addr: int, size: int) -> int:
+    def _resolve(self, addr: int) -> tuple[object, int] | None:
         hit = self.find(addr)
         if hit is None:
             self.unclaimed[addr] += 1
+        else:
+            self.cache[addr] = hit
+        return hit
+
+    def read(self, addr: int, size: int) -> int:
+        hit = self.cache.get(addr) or self._resolve(addr)
+        if hit is None:
             return all_ones(size)
-        device, offset = hit
-        return device.read(offset, size)
+        return hit[0].read(hit[1], size)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        hit = self.find(addr)
-        if hit is None:
-            self.unclaimed[addr] += 1
-            return
-        device, offset = hit
-        device.write(offset, size, value)
+        hit = self.cache.get(addr) or self._resolve(addr)
+        if hit is not None:
+            hit[0].write(hit[1], size, value)
 
     def devices(self) -> list[tuple[int, int, object]]:
         """The attached devices as (base, length, device), in address order."""

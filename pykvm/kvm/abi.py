@@ -159,6 +159,10 @@ struct kvm_sync_regs {
     struct kvm_vcpu_events events;
 };
 
+struct kvm_mp_state {
+    uint32_t mp_state;
+};
+
 struct kvm_pit_config {
     uint32_t flags;
     uint32_t pad[15];
@@ -280,7 +284,7 @@ libc = ffi.dlopen(None)
 STRUCTS = (
     "kvm_regs", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_fpu", "kvm_msr_entry", "kvm_msrs",
     "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_lapic_state", "kvm_debug_exit_arch",
-    "kvm_guest_debug_arch", "kvm_guest_debug", "kvm_vcpu_events", "kvm_sync_regs", "kvm_pit_config",
+    "kvm_guest_debug_arch", "kvm_guest_debug", "kvm_vcpu_events", "kvm_sync_regs", "kvm_mp_state", "kvm_pit_config",
     "kvm_userspace_memory_region", "kvm_irq_level", "kvm_ioeventfd", "kvm_irqfd", "kvm_enable_cap",
     "kvm_run",
 )

@@ -76,6 +76,8 @@ class Ioctl(enum.IntEnum):
     KVM_SET_LAPIC = _iow(0x8F, "struct kvm_lapic_state")
     KVM_SET_CPUID2 = _iow(0x90, "struct kvm_cpuid2")
     KVM_GET_CPUID2 = _iowr(0x91, "struct kvm_cpuid2")
+    KVM_GET_MP_STATE = _ior(0x98, "struct kvm_mp_state")
+    KVM_SET_MP_STATE = _iow(0x99, "struct kvm_mp_state")
     KVM_SET_GUEST_DEBUG = _iow(0x9B, "struct kvm_guest_debug")
     KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
     KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
@@ -157,6 +159,12 @@ KVM_SYSTEM_EVENT_RESET = 2
 KVM_SYSTEM_EVENT_CRASH = 3
 
 KVM_MEM_READONLY = 1 << 1
+
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
 
 KVM_GUESTDBG_ENABLE = 0x1
 KVM_GUESTDBG_SINGLESTEP = 0x2

@@ -13,10 +13,11 @@ import os
 
 from ..errors import KvmUnavailable, PykvmError
 from .abi import ffi, libc
-from .constants import Cap, Ioctl
+from .constants import Cap, ExitReason, Ioctl
 
 _ioctl = libc.ioctl
 _NULL = ffi.NULL
+_EXIT_INTR = int(ExitReason.INTR)
 
 
 class KvmError(PykvmError):
@@ -216,12 +217,13 @@ class Vcpu(_Fd):
         return memoryview(self._map)[offset:offset + length]
 
     def run(self) -> int:
-        """KVM_RUN. Returns the exit reason; -1 when interrupted (EINTR) or a parked AP was woken
-        (EAGAIN) — both mean "nothing to handle, decide whether to run again"."""
+        """KVM_RUN. Returns the exit reason. EINTR (a signal or immediate_exit kicked us out) and
+        EAGAIN (a parked AP was woken) both come back as KVM_EXIT_INTR: nothing to handle, decide
+        whether to run again."""
         if _ioctl(self.fd, Ioctl.KVM_RUN, _NULL) < 0:
             err = ffi.errno
             if err == errno.EINTR or err == errno.EAGAIN:
-                return -1
+                return _EXIT_INTR
             raise KvmError(Ioctl.KVM_RUN, err, f"vcpu {self.id}")
         return self.run_struct.exit_reason
 
@@ -284,6 +286,12 @@ class Vcpu(_Fd):
             for key, value in entry.items():
                 setattr(cpuid.entries[i], key, value)
         _call(self.fd, Ioctl.KVM_SET_CPUID2, cpuid)
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: runnable, halted, or waiting for INIT/SIPI (KVM_MP_STATE_*)."""
+        state = ffi.new("struct kvm_mp_state *")
+        _call(self.fd, Ioctl.KVM_GET_MP_STATE, state)
+        return state.mp_state
 
     def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
         """KVM_SET_GUEST_DEBUG: single-step, software and hardware breakpoints."""
