@@ -17,7 +17,10 @@ from .boot import bundled
 from .boot.detect import load_kernel
 from .boot.firmware import bundled_firmware, read_firmware
 from .boot.flat import load_flat
+from .boot.linux import linux_quirks
+from .console import Console
 from .errors import PykvmError, UsageError
+from .machine import host_backend
 from .memory import GuestMemoryError, check_ram_size, parse_size
 from .x86.modes import CpuMode
 
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-k", "--kernel", metavar="FILE",
                      help="a kernel: Multiboot (ELF or a.out kludge), ELF32/ELF64, or a flat binary")
     run.add_argument("-p", "--append", default="", metavar="CMDLINE", help="the kernel command line")
+    run.add_argument("-i", "--initrd", metavar="FILE", help="an initial ramdisk for a Linux kernel")
+    run.add_argument("--no-platform-quirks", action="store_true",
+                     help="do not add the guest command-line parameters this host's KVM backend needs")
     run.add_argument("--module", action="append", default=[], metavar="FILE[,ARGS]",
                      help="a Multiboot module and its argument string (repeatable)")
     run.add_argument("-c", "--cpus", type=_int, default=1, metavar="N", help="number of vCPUs (default 1)")
@@ -118,7 +124,9 @@ def cmd_run(args) -> int:
     from .machine import Machine  # imports KVM bits only when a VM is really wanted
     with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware) as machine:
         machine.load(plan)
-        result = machine.run(timeout=args.timeout)
+        with Console(machine.uart, on_quit=lambda: machine.end(0, "quit from the console (Ctrl-A x)"),
+                     wait_for_driver=plan.console_waits_for_driver):
+            result = machine.run(timeout=args.timeout)
     if result.report or not args.quiet:
         _say(f"{result.reason} (exit status {result.status})")
     if result.report:
@@ -145,10 +153,17 @@ def _plan_for(args):
             path, _, margs = spec.partition(",")
             modules.append((path, _read(path, "module"), margs))
         load_addr = bundled.LOAD_ADDR if args.load_addr is None else args.load_addr
-        return load_kernel(_read(args.kernel, "kernel"), args.mem, name=args.kernel, cmdline=args.append,
-                           modules=modules, mode=CpuMode(args.mode or "long64"), load_addr=load_addr)
-    if args.module or args.append:
-        raise UsageError("--append and --module need a --kernel")
+        initrd = _read(args.initrd, "initrd") if args.initrd else b""
+        quirks = "" if args.no_platform_quirks else linux_quirks(host_backend())
+        plan = load_kernel(_read(args.kernel, "kernel"), args.mem, name=args.kernel, cmdline=args.append,
+                           initrd=initrd, modules=modules, mode=CpuMode(args.mode or "long64"),
+                           load_addr=load_addr, linux_quirks=quirks)
+        if quirks and quirks in plan.cmdline and not args.quiet:
+            _say(f"this host's KVM ({host_backend()}) needs Linux guests to avoid some instructions: added "
+                 f"'{quirks}' to the command line (--no-platform-quirks to turn that off)")
+        return plan
+    if args.module or args.append or args.initrd:
+        raise UsageError("--append, --initrd and --module need a --kernel")
     name = args.image or bundled.DEFAULT.name
     if Path(name).exists() or "/" in name or Path(name).suffix:   # a file of the user's
         image, mode = _read(name, "guest image"), CpuMode(args.mode or "long64")
@@ -177,7 +192,6 @@ def cmd_info(args) -> int:
 
 
 def _backend() -> str:
-    from .machine import host_backend
     module = host_backend()
     if module == "kvm_pvm":
         return module + (" (not hardware virtualization: CPL0 guest code is emulated; paging only in long mode;"

@@ -23,6 +23,8 @@ class BootPlan:
     cmdline: str = ""
     kernel: bytes = b""
     initrd: bytes = b""
+    # Linux's serial driver empties the UART FIFO when it opens the port: hold host input until then.
+    console_waits_for_driver: bool = False
 
 
 # Memory-map entry types, as the BIOS E820 call, Multiboot and PVH number them.
@@ -67,9 +69,58 @@ def check_fits(what: str, start: int, length: int, mem_size: int) -> None:
         "choose another address or give the guest more memory with --mem")
 
 
-def check_no_overlap(what: str, start: int, length: int, reserved: list[tuple[int, int, str]]) -> None:
+def check_no_overlap(what: str, start: int, length: int, reserved: list[tuple[int, int, str]],
+                     hint: str = "load it elsewhere (--load-addr)") -> None:
     for rstart, rend, rwhat in reserved:
         if start < rend and rstart < start + length:
             raise BootError(
                 f"{what} at {start:#x}-{start + length - 1:#x} overlaps {rwhat} that pykvm places at "
-                f"{rstart:#x}-{rend - 1:#x} for this CPU mode; load it elsewhere (--load-addr)")
+                f"{rstart:#x}-{rend - 1:#x} for this CPU mode; {hint}")
+
+
+# --- placing boot data in guest RAM (shared by the Multiboot, PVH and bzImage loaders) ---
+
+FOUR_GIB = 1 << 32
+PAGE = 0x1000
+
+
+def c_string(text: str, what: str, name: str) -> bytes:
+    if "\0" in text:
+        raise BootError(f"{name}: {what} {text!r} contains a NUL character, which would cut it short")
+    return text.encode("utf-8") + b"\0"
+
+
+def ram_below_4g(mem_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each RAM entry of the memory map that a 32-bit address can reach."""
+    return [(start, min(start + length, FOUR_GIB)) for start, length, kind in memory_map(mem_size)
+            if kind == E820_RAM and start < FOUR_GIB]
+
+
+def clip(ranges: list[tuple[int, int]], low: int, high: int = FOUR_GIB) -> list[tuple[int, int]]:
+    return [(max(s, low), min(e, high)) for s, e in ranges if max(s, low) < min(e, high)]
+
+
+def allocate(size: int, align: int, ranges: list[tuple[int, int]],
+              occupied: list[tuple[int, int]]) -> int | None:
+    """The lowest ``align``-aligned address in ``ranges`` where ``size`` bytes avoid ``occupied``."""
+    for start, end in ranges:
+        addr = -(-start // align) * align
+        while addr + size <= end:
+            clash = [e for s, e in occupied if addr < e and s < addr + max(size, 1)]
+            if not clash:
+                return addr
+            addr = -(-max(clash) // align) * align
+    return None
+
+
+def highest_fit(size: int, ram: list[tuple[int, int]], occupied: list[tuple[int, int]]) -> int | None:
+    """The highest page-aligned address where ``size`` bytes fit in ``ram`` clear of ``occupied``
+    (initrds go high, out of the kernel's way, as boot loaders traditionally place them)."""
+    for start, end in sorted(ram, reverse=True):
+        addr = (end - size) // PAGE * PAGE
+        while addr >= start:
+            clash = [s for s, e in occupied if addr < e and s < addr + size]
+            if not clash:
+                return addr
+            addr = (min(clash) - size) // PAGE * PAGE
+    return None

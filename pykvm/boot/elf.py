@@ -47,7 +47,7 @@ _CLASSES = {
 _ZERO_CHUNK = bytes(1 << 20)   # shared by every bss write, so a large bss costs no host memory
 
 
-class Segment(NamedTuple):
+class LoadSegment(NamedTuple):
     """One PT_LOAD segment: ``data`` goes to ``paddr``, then zeros up to ``memsz`` bytes."""
 
     paddr: int
@@ -60,7 +60,7 @@ class Segment(NamedTuple):
 class ElfImage:
     bits: int                          # 32 or 64
     entry: int                         # e_entry, as the file says (not yet checked against segments)
-    segments: list[Segment]            # PT_LOAD segments, in program-header order
+    segments: list[LoadSegment]        # PT_LOAD segments, in program-header order
     notes: list[tuple[bytes, int]] = field(default_factory=list)   # PT_NOTE contents and p_align
 
 
@@ -112,7 +112,7 @@ def parse_elf(image: bytes, name: str) -> ElfImage:
                         f"{phdr.size} bytes) does not lie inside the {size}-byte file; the file is truncated "
                         "or corrupt")
 
-    segments: list[Segment] = []
+    segments: list[LoadSegment] = []
     notes: list[tuple[bytes, int]] = []
     for i in range(e_phnum):
         fields = phdr.unpack_from(image, e_phoff + i * phdr.size)
@@ -136,7 +136,7 @@ def parse_elf(image: bytes, name: str) -> ElfImage:
             if addr + p_memsz > limit:
                 raise BootError(f"{what}: {field_name} {addr:#x} + p_memsz {p_memsz:#x} wraps past the "
                                 f"{bits}-bit address space; the file is corrupt")
-        segments.append(Segment(p_paddr, p_vaddr, data, p_memsz))
+        segments.append(LoadSegment(p_paddr, p_vaddr, data, p_memsz))
     if not segments:
         raise BootError(f"{name}: the ELF file has no PT_LOAD program header, so there is nothing to load")
 
@@ -149,8 +149,9 @@ def parse_elf(image: bytes, name: str) -> ElfImage:
     return ElfImage(bits, e_entry, segments, notes)
 
 
-def find_note(image: bytes, owner: bytes, type: int, name: str = "kernel") -> bytes | None:
-    """The descriptor of the first ELF note from ``owner`` with ``type`` in a PT_NOTE segment, or None.
+def find_note(image: bytes, owner: bytes, type: int | None, name: str = "kernel") -> bytes | None:
+    """The descriptor of the first ELF note from ``owner`` with ``type`` (any type if None) in a
+    PT_NOTE segment, or None.
 
     The image is validated as by :func:`parse_elf`; a malformed note is a BootError.
     """
@@ -170,7 +171,7 @@ def find_note(image: bytes, owner: bytes, type: int, name: str = "kernel") -> by
                 raise BootError(f"{name}: ELF note at offset {pos:#x} of a PT_NOTE segment (namesz {namesz:#x}, "
                                 f"descsz {descsz:#x}) runs past the end of the {len(data)}-byte segment")
             note_owner = data[name_start:name_start + namesz]
-            if note_type == type and note_owner in (owner, owner + b"\0"):
+            if (type is None or note_type == type) and note_owner in (owner, owner + b"\0"):
                 return data[desc_start:desc_end]
             pos = _align_up(desc_end, align)
     return None
@@ -236,24 +237,25 @@ def check_usable_ram(what: str, start: int, length: int, mem_size: int) -> None:
                     "or from 1 MiB up")
 
 
-def check_and_place_segments(segments: list[Segment], mem_size: int, mode: CpuMode, name: str,
-                             limit: int | None = None) -> list[tuple[int, bytes]]:
+def check_and_place_segments(segments: list[LoadSegment], mem_size: int, mode: CpuMode, name: str,
+                             limit: int | None = None, label: str | None = None) -> list[tuple[int, bytes]]:
     """Check each segment's destination and return its writes (file bytes, then zeros for the bss).
 
     ``limit``, if given, is an address every segment must end at or below (4 GiB for a kernel
-    entered without paging).
+    entered without paging). ``label`` names the image's contents in errors instead of the
+    ELF "segment N (p_paddr, p_memsz)".
     """
     reserved = reserved_ranges(mode)
     writes: list[tuple[int, bytes]] = []
     for i, seg in enumerate(segments):
         if not seg.memsz:
             continue
-        what = f"{name} segment {i} (p_paddr {seg.paddr:#x}, p_memsz {seg.memsz:#x})"
+        what = label or f"{name} segment {i} (p_paddr {seg.paddr:#x}, p_memsz {seg.memsz:#x})"
         if limit is not None and seg.paddr + seg.memsz > limit:
             raise BootError(f"{what} ends above {limit:#x}, out of reach of a kernel started with paging off; "
                             "link it lower")
         check_usable_ram(what, seg.paddr, seg.memsz, mem_size)
-        check_no_overlap(what, seg.paddr, seg.memsz, reserved)
+        check_no_overlap(what, seg.paddr, seg.memsz, reserved, hint="link it at another address")
         writes += load_writes(seg.paddr, seg.data, seg.memsz)
     return writes
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from ..errors import BootError
 from ..x86.modes import CpuMode, initial_state, reserved_ranges
-from . import E820_RAM, BootPlan, check_fits, memory_map
+from . import E820_RAM, BootPlan, allocate, c_string, check_fits, clip, memory_map, ram_below_4g
 from .elf import (
     DEFAULT_STACK,
-    Segment,
+    LoadSegment,
     check_and_place_segments,
     is_elf,
     load_writes,
@@ -115,9 +115,11 @@ def load_multiboot(image: bytes, mem_size: int, cmdline: str = "",
     mode = CpuMode.PROT32
 
     # The kernel: where each piece goes, and the entry point.
+    label = None
     if header.aout_kludge:
         segments, entry = _aout_layout(image, header, name)
         kind = "a.out kludge"
+        label = f"{name} (load_addr {segments[0].paddr:#x}, {segments[0].memsz:#x} bytes with its bss)"
     else:
         if not is_elf(image):
             raise BootError(f"{name}: its Multiboot header (offset {header.offset:#x}) does not set flag bit 16 "
@@ -127,7 +129,7 @@ def load_multiboot(image: bytes, mem_size: int, cmdline: str = "",
         segments = elf.segments
         entry = physical_entry(elf, name, allow_virtual=True)
         kind = f"ELF{elf.bits}"
-    writes = check_and_place_segments(segments, mem_size, mode, name, limit=FOUR_GIB)
+    writes = check_and_place_segments(segments, mem_size, mode, name, limit=FOUR_GIB, label=label)
     kernel = [(s.paddr, s.paddr + s.memsz) for s in segments if s.memsz]   # not empty: the entry is in one
     kernel_start, kernel_end = min(start for start, _ in kernel), max(end for _, end in kernel)
     occupied = kernel + [(start, end) for start, end, _ in reserved_ranges(mode)]
@@ -135,33 +137,33 @@ def load_multiboot(image: bytes, mem_size: int, cmdline: str = "",
     # Boot modules, after the kernel.
     full_cmdline = f"{name} {cmdline}" if cmdline else name
     align = PAGE if header.flags & FLAG_PAGE_ALIGN else 4
-    ram = _ram_below_4g(mem_size)
+    ram = ram_below_4g(mem_size)
     module_entries: list[tuple[int, int, bytes]] = []     # start, end, string
     for index, (mod_name, data, args) in enumerate(modules):
         data = bytes(data)
         what = f"module {index} ({mod_name})"
-        start = _allocate(len(data), align, _clip(ram, kernel_end), occupied)
+        start = allocate(len(data), align, clip(ram, kernel_end), occupied)
         if start is None:
             raise BootError(f"{what}: no room for its {len(data)} bytes in guest RAM below 4 GiB after the kernel; "
                             "give the guest more memory with --mem")
         check_fits(what, start, len(data), mem_size)
         occupied.append((start, start + len(data)))
         writes += load_writes(start, data, len(data))
-        module_entries.append((start, start + len(data), _c_string(f"{mod_name} {args}" if args else mod_name,
+        module_entries.append((start, start + len(data), c_string(f"{mod_name} {args}" if args else mod_name,
                                                                    f"the string of {what}", name)))
 
     # The information structure and everything it points to, as one block.
-    cmdline_bytes = _c_string(full_cmdline, "the command line", name)
-    loader_bytes = _c_string(LOADER_NAME, "the boot loader name", name)
+    cmdline_bytes = c_string(full_cmdline, "the command line", name)
+    loader_bytes = c_string(LOADER_NAME, "the boot loader name", name)
     mmap = memory_map(mem_size)
     mmap_off = INFO_SIZE
     mods_off = mmap_off + MMAP_ENTRY.size * len(mmap)
     strings_off = mods_off + MODULE_ENTRY.size * len(module_entries)
     block_size = strings_off + len(cmdline_bytes) + len(loader_bytes) + sum(len(s) for _, _, s in module_entries)
-    info = _allocate(block_size, 16, _clip(ram, *INFO_PREFERRED), occupied)
+    info = allocate(block_size, 16, clip(ram, *INFO_PREFERRED), occupied)
     if info is None:
         highest = max(end for _, end in occupied)
-        info = _allocate(block_size, PAGE, _clip(ram, highest), occupied)
+        info = allocate(block_size, PAGE, clip(ram, highest), occupied)
     if info is None:
         raise BootError(f"{name}: no room in guest RAM below 4 GiB for the {block_size}-byte Multiboot information "
                         "structure; give the guest more memory with --mem or shorten the command line")
@@ -198,7 +200,7 @@ def load_multiboot(image: bytes, mem_size: int, cmdline: str = "",
                                 f"{len(module_entries)} module(s), info at {info:#x}, {mode.description}")
 
 
-def _aout_layout(image: bytes, header: MultibootHeader, name: str) -> tuple[list[Segment], int]:
+def _aout_layout(image: bytes, header: MultibootHeader, name: str) -> tuple[list[LoadSegment], int]:
     """The one segment and entry point the header's a.out-kludge address fields describe."""
     where = f"{name}: Multiboot header at offset {header.offset:#x}"
     if header.header_addr is None:
@@ -238,7 +240,7 @@ def _aout_layout(image: bytes, header: MultibootHeader, name: str) -> tuple[list
         raise BootError(f"{where}: entry_addr {entry_addr:#x} is outside the loaded image "
                         f"{load_addr:#x}-{load_end - 1:#x}")
     data = image[file_start:file_start + load_size]
-    return [Segment(load_addr, load_addr, data, memsz)], entry_addr
+    return [LoadSegment(load_addr, load_addr, data, memsz)], entry_addr
 
 
 def _no_header_message(image: bytes, name: str) -> str:
@@ -247,15 +249,9 @@ def _no_header_message(image: bytes, name: str) -> str:
         magic, flags, checksum = _HEADER.unpack_from(image, offset)
         if magic == HEADER_MAGIC:
             return (f"{name}: the Multiboot header at offset {offset:#x} has checksum {checksum:#010x}, but magic + "
-                    f"flags + checksum must be 0 mod 2^32 (checksum {(-(magic + flags)) % FOUR_GIB:#010x})")
+                    f"flags + checksum must be 0 mod 2^32, so it should be {(-(magic + flags)) % FOUR_GIB:#010x}")
     return (f"{name} is not a Multiboot kernel: no header with magic {HEADER_MAGIC:#x} at a 4-byte-aligned offset "
             f"in its first {SEARCH_LIMIT} bytes")
-
-
-def _c_string(text: str, what: str, name: str) -> bytes:
-    if "\0" in text:
-        raise BootError(f"{name}: {what} {text!r} contains a NUL character, which would cut it short")
-    return text.encode("utf-8") + b"\0"
 
 
 def _memory_sizes(mmap: list[tuple[int, int, int]]) -> tuple[int, int]:
@@ -269,26 +265,3 @@ def _memory_sizes(mmap: list[tuple[int, int, int]]) -> tuple[int, int]:
         elif start == 0x100000:
             upper = length // 1024
     return lower, upper
-
-
-def _ram_below_4g(mem_size: int) -> list[tuple[int, int]]:
-    """(start, end) of each RAM entry of the memory map that a 32-bit address can reach."""
-    return [(start, min(start + length, FOUR_GIB)) for start, length, kind in memory_map(mem_size)
-            if kind == E820_RAM and start < FOUR_GIB]
-
-
-def _clip(ranges: list[tuple[int, int]], low: int, high: int = FOUR_GIB) -> list[tuple[int, int]]:
-    return [(max(s, low), min(e, high)) for s, e in ranges if max(s, low) < min(e, high)]
-
-
-def _allocate(size: int, align: int, ranges: list[tuple[int, int]],
-              occupied: list[tuple[int, int]]) -> int | None:
-    """The lowest ``align``-aligned address in ``ranges`` where ``size`` bytes avoid ``occupied``."""
-    for start, end in ranges:
-        addr = -(-start // align) * align
-        while addr + size <= end:
-            clash = [e for s, e in occupied if addr < e and s < addr + max(size, 1)]
-            if not clash:
-                return addr
-            addr = -(-max(clash) // align) * align
-    return None
