@@ -1,9 +1,10 @@
 """The committed guest images in guests/ are exactly what their sources build to.
 
-The .bin files are committed so an installed pykvm runs them without a toolchain;
-these tests rebuild them from source with GNU as/ld into a temporary directory and
-require byte-identical output, and check the exitloop parameter block that the
-exit-latency benchmark patches.
+The .bin files (flat guests) and .elf files (Multiboot test kernels) are committed
+so an installed pykvm runs them without a toolchain; these tests rebuild them from
+source with GNU as/ld into a temporary directory and require byte-identical output,
+check the exitloop parameter block that the exit-latency benchmark patches, and
+check that the kernels are ELF32 images with a valid Multiboot v1 header.
 """
 
 from __future__ import annotations
@@ -27,11 +28,22 @@ EXPECTED = {
     "mmio.bin",
     "spin.bin",
     "exitloop.bin",
+    "int3.bin",
+    "mbinfo.elf",
+    "smp.elf",
 }
+
+KERNELS = ("mbinfo.elf", "smp.elf")
+
+
+def images(folder: Path) -> dict[str, bytes]:
+    """The built images in a folder: flat guests and Multiboot kernels."""
+    paths = sorted([*folder.glob("*.bin"), *folder.glob("*.elf")])
+    return {p.name: p.read_bytes() for p in paths}
 
 
 def committed() -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(GUESTS.glob("*.bin"))}
+    return images(GUESTS)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +59,7 @@ def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         timeout=120,
     )
     assert proc.returncode == 0, f"make failed:\n{proc.stdout}\n{proc.stderr}"
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+    return images(out)
 
 
 def test_committed_images_present() -> None:
@@ -67,3 +79,23 @@ def test_exitloop_parameter_block() -> None:
     assert 2 + image[1] >= 16, "the jmp must land past the parameter block"
     count, kind = struct.unpack_from("<II", image, 8)
     assert (count, kind) == (1000, 0)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_is_multiboot_elf32(name: str) -> None:
+    image = (GUESTS / name).read_bytes()
+    # ELF32, little-endian, executable, i386: what QEMU's -kernel accepts as Multiboot
+    assert image[:4] == b"\x7fELF" and image[4] == 1 and image[5] == 1
+    e_type, e_machine = struct.unpack_from("<HH", image, 16)
+    assert (e_type, e_machine) == (2, 3)
+    (entry,) = struct.unpack_from("<I", image, 24)
+    assert entry >= 0x100000, "the kernels are linked at 1 MiB"
+    # the header: 4-byte aligned in the first 8 KiB, magic + flags + checksum == 0 (mod 2^32)
+    for offset in range(0, 8192 - 12 + 1, 4):
+        magic, flags, checksum = struct.unpack_from("<III", image, offset)
+        if magic == 0x1BADB002:
+            break
+    else:
+        pytest.fail("no Multiboot header in the first 8 KiB")
+    assert (magic + flags + checksum) & 0xFFFFFFFF == 0
+    assert flags == 0x3, "page-align modules + memory info, no a.out kludge (bit 16)"

@@ -33,6 +33,7 @@ GUESTS = [
     BundledGuest("hello-paged32", CpuMode.PAGED32, "the same program under 32-bit paging (4 MiB pages)"),
     BundledGuest("hello-pae", CpuMode.PAE, "the same program under PAE paging (2 MiB pages)"),
     BundledGuest("mmio", CpuMode.LONG64, "reads and writes the MMIO test device at 0xd0000000, checks the answers"),
+    BundledGuest("int3", CpuMode.LONG64, "builds an IDT, executes int3 and returns from its #BP handler"),
     BundledGuest("spin", CpuMode.LONG64, "prints a line, then loops forever (try --timeout 2)"),
     BundledGuest("exitloop", CpuMode.PROT32, "takes N exits of one kind, silently (exit-latency benchmark guest)"),
 ]
