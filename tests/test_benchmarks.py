@@ -55,3 +55,14 @@ def test_missing_gcc_is_reported_with_status_2(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "gcc is not installed" in captured.err
+
+
+@pytest.mark.skipif(not _kvm_usable(), reason="/dev/kvm is missing or not accessible: no VM can run")
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU (Debian: qemu-system-x86) is missing")
+def test_boot_tiny_reports_both_vmms_and_their_ratio():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.boot_tiny", "--repeat", "1", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["pykvm_s"] > 0 and result["qemu_s"] > 0
+    assert result["ratio"] == pytest.approx(result["pykvm_s"] / result["qemu_s"])
