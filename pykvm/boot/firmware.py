@@ -6,6 +6,7 @@ to enter it with a hand-off block (documented in firmware/README.md)::
 
     0x6000  u32 magic "PKVM"   u32 mode (0 real, 1 prot32, 2 paged32, 3 pae, 4 long64)
             u64 entry          u64 stack
+            u64 rax, rbx, rsi  the registers a boot protocol passes (Multiboot EAX/EBX, Linux RSI)
 
 The firmware then builds the same GDT, page tables and control registers pykvm's direct boot
 would, so a payload sees the same machine either way.
@@ -28,7 +29,9 @@ MAX_SIZE = 16 << 20
 def handoff_block(cpu: CpuState) -> bytes:
     """The hand-off block for a payload that pykvm would otherwise enter in state ``cpu``."""
     entry = (cpu.cs.base + cpu.regs["rip"]) if cpu.mode is CpuMode.REAL else cpu.regs["rip"]
-    return struct.pack("<IIQQ", HANDOFF_MAGIC, MODE_NUMBERS[cpu.mode], entry, cpu.regs["rsp"])
+    regs = cpu.regs
+    return struct.pack("<IIQQQQQ", HANDOFF_MAGIC, MODE_NUMBERS[cpu.mode], entry, regs["rsp"],
+                       regs.get("rax", 0), regs.get("rbx", 0), regs.get("rsi", 0))
 
 
 def read_firmware(path: str) -> bytes:
