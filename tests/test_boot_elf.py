@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pykvm.boot import check_fits
-from pykvm.boot.elf import PT_LOAD, PT_NOTE, ElfImage, Segment, find_note, load_elf, parse_elf
+from pykvm.boot.elf import PT_LOAD, PT_NOTE, ElfImage, LoadSegment, find_note, load_elf, parse_elf
 from pykvm.errors import BootError
 from pykvm.memory import GiB, GuestMemory, MiB
 from pykvm.x86.modes import GDT_ADDR, PAGE_TABLES_ADDR, CpuMode
@@ -118,7 +118,7 @@ def test_parse_elf_reports_segments():
     elf = parse_elf(image, "k")
     assert isinstance(elf, ElfImage)
     assert elf.bits == 64 and elf.entry == 0x100000
-    assert elf.segments == [Segment(0x100000, 0xFFFFFFFF80100000, CODE, 0x80)]
+    assert elf.segments == [LoadSegment(0x100000, 0xFFFFFFFF80100000, CODE, 0x80)]
 
 
 def test_large_bss_is_written_in_shared_chunks():

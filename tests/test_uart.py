@@ -708,6 +708,10 @@ LOOPBACK_WIRING = {Mcr.DTR: Msr.DSR, Mcr.RTS: Msr.CTS, Mcr.OUT1: Msr.RI, Mcr.OUT
 DELTA_OF = {Msr.CTS: Msr.DCTS, Msr.DSR: Msr.DDSR, Msr.DCD: Msr.DDCD}
 
 byte_values = st.integers(0, 255)
+# Values drivers write, mixed with arbitrary bytes: mostly DLAB off, OUT2 on, FIFOs at each trigger.
+lcr_values = st.sampled_from([0x03, 0x03, 0x00, 0x83]) | byte_values
+mcr_values = st.sampled_from([0x0B, 0x0B, 0x08, 0x03, 0x1B, 0x1F, 0x10]) | byte_values
+fcr_values = st.sampled_from([0x01, 0x41, 0x81, 0xC1, 0x07, 0x00]) | byte_values
 
 
 class UartMachine(RuleBasedStateMachine):
@@ -769,21 +773,22 @@ class UartMachine(RuleBasedStateMachine):
 
     # -- writes --
 
-    @rule(value=byte_values)
-    def write_thr(self, value: int) -> None:
-        self.uart.write(THR, 1, value)
-        if self.dlab:
-            self.divisor = (self.divisor & 0xFF00) | value
-            return
-        if not self.loop:
-            self.transmitted.append(value)
-        elif len(self.rx) < self.depth:
-            self.rx.append(value)
-        else:
-            self.overrun = True
-            if not self.fifo:
-                self.rx[0] = value
-        self.thre = True
+    @rule(data=st.binary(min_size=1, max_size=20))
+    def write_thr(self, data: bytes) -> None:
+        for value in data:  # a driver's burst: one THR write per byte
+            self.uart.write(THR, 1, value)
+            if self.dlab:
+                self.divisor = (self.divisor & 0xFF00) | value
+                continue
+            if not self.loop:
+                self.transmitted.append(value)
+            elif len(self.rx) < self.depth:
+                self.rx.append(value)
+            else:
+                self.overrun = True
+                if not self.fifo:
+                    self.rx[0] = value
+            self.thre = True
 
     @rule(value=byte_values)
     def write_ier(self, value: int) -> None:
@@ -798,7 +803,7 @@ class UartMachine(RuleBasedStateMachine):
             self.thre = True
         self.ier = new
 
-    @rule(value=byte_values)
+    @rule(value=fcr_values)
     def write_fcr(self, value: int) -> None:
         self.uart.write(FCR, 1, value)
         enable = bool(value & Fcr.ENABLE)
@@ -810,12 +815,12 @@ class UartMachine(RuleBasedStateMachine):
                 self.rx.clear()
             self.trigger = (1, 4, 8, 14)[value >> 6]
 
-    @rule(value=byte_values)
+    @rule(value=lcr_values)
     def write_lcr(self, value: int) -> None:
         self.uart.write(LCR, 1, value)
         self.lcr = value
 
-    @rule(value=byte_values)
+    @rule(value=mcr_values)
     def write_mcr(self, value: int) -> None:
         self.uart.write(MCR, 1, value)
         before = self.modem_inputs()
