@@ -300,6 +300,20 @@ def test_rx_interrupt_on_feed_until_drained(port: Port) -> None:
     assert port.irq.levels == [True, False]
 
 
+def test_listening_follows_ier_received_data(port: Port) -> None:
+    assert not port.uart.listening
+    port.outb(IER, Ier.THRI)
+    assert not port.uart.listening
+    port.outb(IER, Ier.RLSI | Ier.RDI)
+    assert port.uart.listening
+    port.outb(LCR, Lcr.DLAB)
+    port.outb(DLM, 0)  # the divisor latch, not IER
+    assert port.uart.listening
+    port.outb(LCR, 0)
+    port.outb(IER, 0)
+    assert not port.uart.listening
+
+
 def test_rx_interrupt_needs_ier(port: Port) -> None:
     port.outb(MCR, Mcr.OUT2)
     port.uart.feed(b"k")

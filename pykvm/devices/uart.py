@@ -7,7 +7,8 @@ The device holds only register state. The outside world comes in through three d
   changes; the machine may turn rising levels into edges for the ISA PIC.
 * ``out``: receives every byte the guest transmits, one call per THR write, each as a 1-byte
   ``bytes`` object (no batching: the guest writes THR one byte per exit anyway).
-* :meth:`Uart16550.feed`: host input for the receiver, with back-pressure.
+* :meth:`Uart16550.feed`: host input for the receiver, with back-pressure;
+  :attr:`Uart16550.listening` says whether a driver has enabled receive interrupts yet.
 
 Modelled from the National Semiconductor PC16550D datasheet, as Linux's 8250 driver probes it:
 
@@ -225,6 +226,14 @@ class Uart16550:
     def irq_level(self) -> bool:
         """The level last driven onto the IRQ line."""
         return self._irq_level
+
+    @property
+    def listening(self) -> bool:
+        """True once the guest enabled the received-data interrupt (IER.0): a driver reads input.
+
+        A console can hold host input until then rather than fill the FIFO for nobody.
+        """
+        return bool(self._ier & _RDI)
 
     def reset(self) -> None:
         """Return to the power-on state (a machine reset), lowering the IRQ line if raised."""
