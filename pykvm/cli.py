@@ -19,6 +19,7 @@ from .boot.firmware import bundled_firmware, read_firmware
 from .boot.flat import load_flat
 from .boot.linux import linux_quirks
 from .console import Console
+from .devices.virtio import attach_virtio, fast_path, linux_cmdline, parse_drive
 from .errors import PykvmError, UsageError
 from .machine import host_backend
 from .memory import GuestMemoryError, check_ram_size, parse_size
@@ -87,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 124) if the guest is still running after this long")
     run.add_argument("-q", "--quiet", action="store_true", help="do not print how the run ended")
+    virtio = run.add_argument_group("virtio devices (virtio-mmio, announced to a Linux kernel on its command line)")
+    virtio.add_argument("--drive", action="append", default=[], metavar="FILE[,readonly]",
+                        help="a raw disk image as a virtio-blk device (/dev/vda, vdb, ...; repeatable)")
+    virtio.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's os.urandom")
+    virtio.add_argument("--console", choices=["uart", "virtio"], default="uart",
+                        help="where host input goes: the UART (default) or a virtio console, the guest's hvc0 "
+                             "(its output is shown too; the UART stays)")
+    see = run.add_argument_group("seeing inside (on stderr; see docs/walkthrough.md)")
+    see.add_argument("--trace", action="store_true",
+                     help="one line per VM exit: vCPU, reason, port/address, value, RIP, the instruction")
+    see.add_argument("--trace-filter", metavar="SPEC",
+                     help="trace only these exits (implies --trace), e.g. io:0x3f8-0x3ff,mmio,hlt")
+    see.add_argument("--stats", action="store_true",
+                     help="at the end, a table of exits per reason, port and MMIO address with handling times")
+    see.add_argument("--stats-json", metavar="FILE", help="write the exit statistics to FILE as JSON")
+    see.add_argument("--step", type=_int, default=0, metavar="N",
+                     help="single-step the first N instructions, printing each with the registers it changed")
+    see.add_argument("--step-from", type=_int, default=None, metavar="ADDR",
+                     help="with --step: start stepping when the guest reaches this linear address")
+    see.add_argument("--gdb", metavar="[HOST]:PORT",
+                     help="serve the gdb remote protocol here (host default 127.0.0.1; port 0 picks one)")
+    see.add_argument("--gdb-wait", action="store_true", help="with --gdb: start the guest only when gdb continues")
 
     sub.add_parser("info", help="KVM API version, capabilities pykvm uses, vCPU limits")
     return parser
@@ -117,21 +140,39 @@ def cmd_run(args) -> int:
         for guest in bundled.GUESTS:
             print(f"{guest.name:<{width}}  {guest.mode.value:<8} {guest.about}")
         return 0
+    from .debug import inside  # --trace, --stats, --step, --gdb (imported only when running)
+    debug_options = _debug_options(args)
+    inside.check(debug_options)
     plan = _plan_for(args)
     firmware = None
     if args.firmware is not None:
         firmware = read_firmware(args.firmware or str(bundled_firmware()))
     from .machine import Machine  # imports KVM bits only when a VM is really wanted
     with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware) as machine:
+        virtio = attach_virtio(machine, *_virtio_devices(args))
         machine.load(plan)
-        with Console(machine.uart, on_quit=lambda: machine.end(0, "quit from the console (Ctrl-A x)"),
+        seeing = inside.attach(machine, debug_options)
+        with Console(virtio.console or machine.uart, on_quit=lambda: machine.end(0, "quit from the console (Ctrl-A x)"),
                      wait_for_driver=plan.console_waits_for_driver):
             result = machine.run(timeout=args.timeout)
+        seeing.finish()
     if result.report or not args.quiet:
         _say(f"{result.reason} (exit status {result.status})")
     if result.report:
         print(result.report, file=sys.stderr)
     return result.status
+
+
+def _virtio_devices(args) -> tuple[list, bool, bool]:
+    """(drives, rng, console) of --drive, --rng, --console virtio."""
+    return [parse_drive(d) for d in args.drive], args.rng, args.console == "virtio"
+
+
+def _debug_options(args):
+    from .debug.inside import Options
+    return Options(trace=args.trace, trace_filter=args.trace_filter, stats=args.stats,
+                   stats_json=args.stats_json, step=args.step, step_from=args.step_from, gdb=args.gdb,
+                   gdb_wait=args.gdb_wait)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -155,9 +196,10 @@ def _plan_for(args):
         load_addr = bundled.LOAD_ADDR if args.load_addr is None else args.load_addr
         initrd = _read(args.initrd, "initrd") if args.initrd else b""
         quirks = "" if args.no_platform_quirks else linux_quirks(host_backend())
+        virtio_args = linux_cmdline(*_virtio_devices(args))   # virtio_mmio.device=... for Linux
         plan = load_kernel(_read(args.kernel, "kernel"), args.mem, name=args.kernel, cmdline=args.append,
                            initrd=initrd, modules=modules, mode=CpuMode(args.mode or "long64"),
-                           load_addr=load_addr, linux_quirks=quirks)
+                           load_addr=load_addr, linux_quirks=" ".join([*virtio_args, quirks]).strip())
         if quirks and quirks in plan.cmdline and not args.quiet:
             _say(f"this host's KVM ({host_backend()}) needs Linux guests to avoid some instructions: added "
                  f"'{quirks}' to the command line (--no-platform-quirks to turn that off)")
@@ -188,6 +230,7 @@ def cmd_info(args) -> int:
             value = kvm.check_extension(cap)
             print(f"  KVM_CAP_{cap.name:<28} {'present' if value else 'absent'}"
                   + (f" ({value})" if value > 1 else ""))
+        print(f"virtio fast path: {fast_path(kvm).describe()}")
     return 0
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from .boot import BIOS_AREA, BootPlan
 from .boot.firmware import HANDOFF_ADDR, handoff_block
+from .debug.stats import TOTAL as STATS_TOTAL
+from .debug.stats import VcpuStats
 from .devices.bus import Bus, IrqLine
 from .devices.cmos import Cmos
 from .devices.debug_exit import PORT as DEBUG_EXIT_PORT
@@ -187,6 +189,11 @@ class Machine:
             vcpu.set_cpuid2(vcpu_cpuid(supported, apic_id=vcpu.id, ncpus=cpus))
         self.exit_counts = [[0] * 64 for _ in self.vcpus]   # per vCPU, per exit reason
         self.emulated: Counter[str] = Counter()   # instructions completed by pykvm.x86.emulate
+        # Seeing inside (pykvm/debug): statistics are always collected, per vCPU; the tracer and the
+        # debug control (single-step, gdb) are set by the caller before run(), or stay None.
+        self.stats = [VcpuStats() for _ in self.vcpus]
+        self.tracer = None
+        self.debug = None
         # Idle detection (in-kernel irqchip only): what each vCPU reported when last probed.
         self._probe = [False] * cpus
         self._idle: list[tuple[int, int, int] | None] = [None] * cpus   # (mp_state, if_flag, exits)
@@ -199,6 +206,10 @@ class Machine:
         for close in self._closing:
             close()
         self._closing = []
+
+    def on_close(self, close: Callable[[], None]) -> None:
+        """Call ``close`` first when the machine closes (e.g. a debugger's listening socket)."""
+        self._closing.insert(0, close)
 
     def __enter__(self) -> Machine:
         return self
@@ -232,6 +243,8 @@ class Machine:
                 self._result = RunResult(status, reason, report)
         self._done.set()
         self.kick_all()
+        if self.debug is not None:   # vCPUs stopped for a debugger must wake up to leave
+            self.debug.machine_ended(self._result)
 
     def _on_reset(self) -> None:
         self.end(STATUS_OK, "the guest reset the machine (i8042 reset line)")
@@ -310,6 +323,8 @@ class Machine:
         since it was last seen (kick it out; it reports its MP state). When every vCPU is halted
         with interrupts off, or parked waiting for a SIPI, and none has run since saying so, the
         machine can never do anything again: the run ends, as it would on a HLT exit."""
+        if self.debug is not None and self.debug.holding():
+            return    # stopped in the debugger: not idle, and the vCPUs cannot answer a probe
         dead = 0
         for i in range(len(self.vcpus)):
             idle = self._idle[i]
@@ -338,7 +353,12 @@ class Machine:
 
         This is the hot path, so it binds everything to locals, calls the ioctl directly rather
         than through Vcpu.run, reads each exit with a single struct unpack over the kvm_run page,
-        and finds port devices in the bus's cache. Rarer exits go through a table."""
+        and finds port devices in the bus's cache. Rarer exits go through a table.
+
+        Every exit's handling time (KVM_RUN's return to the next KVM_RUN) goes into the record of
+        its port, MMIO address or reason (pykvm.debug.stats): recorded at the top of the next
+        iteration, or in the ``finally`` for the last one. Tracing costs one ``is not None`` test
+        when off; the debug control (gdb, --step) is consulted only on INTR and DEBUG exits."""
         run = vcpu.run_struct
         data = memoryview(vcpu._map)
         counts = self.exit_counts[vcpu.id]
@@ -350,58 +370,85 @@ class Machine:
         done = self._done
         slow = self._slow_exits
         IO, MMIO, INTR = int(ExitReason.IO), int(ExitReason.MMIO), int(ExitReason.INTR)
-        while True:
-            if ioctl(fd, request, null) < 0:
-                err = ffi.errno
-                if err != errno.EINTR and err != errno.EAGAIN:
-                    raise KvmError(Ioctl.KVM_RUN, err, f"vcpu {vcpu.id}")
-                counts[INTR] += 1           # a kick (or a woken AP): see whether we should stop
-                run.immediate_exit = 0
-                if done.is_set():
-                    return
-                if self._probe[vcpu.id]:
-                    self._probe[vcpu.id] = False
-                    self._idle[vcpu.id] = (vcpu.get_mp_state(), run.if_flag, sum(counts))
-                continue
-            reason, direction, size, port, count, off = read_io(data, _IO_AT)
-            counts[reason] += 1
-            if reason == IO:
-                if count == 1:
-                    hit = pio_cache.get(port)
-                    if direction == KVM_EXIT_IO_OUT:
-                        value = unpack[size](data, off)[0]
-                        if hit is None:
-                            pio.write(port, size, value)
+        stats = self.stats[vcpu.id]
+        by_reason, by_port, by_addr = stats.reasons, stats.pio, stats.mmio
+        pio_record, mmio_record, intr_rec = stats.pio_record, stats.mmio_record, stats.reasons[INTR]
+        now, TOTAL = time.perf_counter_ns, STATS_TOTAL
+        tracer = None if self.tracer is None else self.tracer.for_vcpu(vcpu)
+        debug = self.debug
+        if debug is not None:
+            debug.checkpoint(vcpu)          # --gdb-wait: stopped before the first instruction
+        rec, t0 = stats.scratch, now()      # the statistics record of the exit being handled
+        try:
+            while True:
+                dt = now() - t0
+                rec[(dt * dt).bit_length()] += 1    # half-octave histogram bucket
+                rec[TOTAL] += dt
+                if ioctl(fd, request, null) < 0:
+                    err = ffi.errno
+                    t0, rec = now(), intr_rec
+                    if err != errno.EINTR and err != errno.EAGAIN:
+                        raise KvmError(Ioctl.KVM_RUN, err, f"vcpu {vcpu.id}")
+                    counts[INTR] += 1           # a kick (or a woken AP): see whether we should stop
+                    run.immediate_exit = 0
+                    if done.is_set():
+                        return
+                    if self._probe[vcpu.id]:
+                        self._probe[vcpu.id] = False
+                        self._idle[vcpu.id] = (vcpu.get_mp_state(), run.if_flag, sum(counts))
+                    if debug is not None and debug.checkpoint(vcpu):
+                        t0 = now()              # time stopped in the debugger is not handling time
+                    continue
+                t0 = now()
+                reason, direction, size, port, count, off = read_io(data, _IO_AT)
+                counts[reason] += 1
+                if reason == IO:
+                    rec = by_port.get(port) or pio_record(port)
+                    if count == 1:
+                        hit = pio_cache.get(port)
+                        if direction == KVM_EXIT_IO_OUT:
+                            value = unpack[size](data, off)[0]
+                            if hit is None:
+                                pio.write(port, size, value)
+                            else:
+                                hit[0].write(hit[1], size, value)
                         else:
-                            hit[0].write(hit[1], size, value)
+                            value = pio.read(port, size) if hit is None else hit[0].read(hit[1], size)
+                            pack[size](data, off, value)
                     else:
-                        value = pio.read(port, size) if hit is None else hit[0].read(hit[1], size)
-                        pack[size](data, off, value)
-                else:
-                    self._string_io(vcpu, port, size, count, off, direction == KVM_EXIT_IO_OUT)
-            elif reason == MMIO:
-                addr, n, is_write = read_mmio(data, _MMIO_AT)
-                if n not in unpack:
-                    raise PykvmError(f"MMIO access of {n} bytes at {addr:#x}: KVM should never report that")
-                hit = mmio_cache.get(addr)
-                if is_write:
-                    value = unpack[n](data, _MMIO_DATA)[0]
-                    if hit is None:
-                        mmio_bus.write(addr, n, value)
+                        self._string_io(vcpu, port, size, count, off, direction == KVM_EXIT_IO_OUT)
+                elif reason == MMIO:
+                    addr, n, is_write = read_mmio(data, _MMIO_AT)
+                    rec = by_addr.get(addr) or mmio_record(addr)
+                    if n not in unpack:
+                        raise PykvmError(f"MMIO access of {n} bytes at {addr:#x}: KVM should never report that")
+                    hit = mmio_cache.get(addr)
+                    if is_write:
+                        value = unpack[n](data, _MMIO_DATA)[0]
+                        if hit is None:
+                            mmio_bus.write(addr, n, value)
+                        else:
+                            hit[0].write(hit[1], n, value)
                     else:
-                        hit[0].write(hit[1], n, value)
+                        value = mmio_bus.read(addr, n) if hit is None else hit[0].read(hit[1], n)
+                        pack[n](data, _MMIO_DATA, value)
                 else:
-                    value = mmio_bus.read(addr, n) if hit is None else hit[0].read(hit[1], n)
-                    pack[n](data, _MMIO_DATA, value)
-            else:
-                handler = slow.get(reason)
-                if handler is None:
-                    self.end(STATUS_CRASH, f"vCPU {vcpu.id}: unhandled exit reason {_reason_name(reason)}",
-                             self.describe_vcpu(vcpu))
-                    return
-                handler(vcpu)
-                if done.is_set():
-                    return
+                    rec = by_reason[reason]
+                    handler = slow.get(reason)
+                    if handler is None:
+                        self.end(STATUS_CRASH, f"vCPU {vcpu.id}: unhandled exit reason {_reason_name(reason)}",
+                                 self.describe_vcpu(vcpu))
+                        return
+                    if handler(vcpu):               # True: the vCPU was stopped for the debugger
+                        t0 = now()
+                    # A handler that ends the run kicked this vCPU too (immediate_exit): the next
+                    # KVM_RUN returns at once with EINTR and the loop leaves there.
+                if tracer is not None:
+                    tracer()
+        finally:
+            dt = now() - t0
+            rec[(dt * dt).bit_length()] += 1
+            rec[TOTAL] += dt
 
     def _string_io(self, vcpu, port: int, size: int, count: int, off: int, out: bool) -> None:
         """rep outs/ins: ``count`` elements of ``size`` bytes in the kvm_run data area, one by one."""
@@ -422,7 +469,16 @@ class Machine:
             ExitReason.FAIL_ENTRY: self._on_fail_entry,
             ExitReason.INTERNAL_ERROR: self._on_internal_error,
             ExitReason.SYSTEM_EVENT: self._on_system_event,
+            ExitReason.DEBUG: self._on_debug,
         }
+
+    def _on_debug(self, vcpu) -> bool:
+        """KVM_EXIT_DEBUG: a single-step, hardware or software breakpoint of the debug control.
+        Returns True when the vCPU was stopped for the debugger."""
+        if self.debug is None:   # nobody asked for guest debugging: KVM should never exit so
+            self.end(STATUS_CRASH, f"vCPU {vcpu.id}: unexpected KVM_EXIT_DEBUG", self.describe_vcpu(vcpu))
+            return False
+        return self.debug.on_debug_exit(vcpu)
 
     def _on_hlt(self, vcpu) -> None:
         # Only seen without an in-kernel irqchip: then nothing can ever wake the vCPU again.
@@ -441,13 +497,15 @@ class Machine:
         self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware "
                                f"reason {reason:#x}): the vCPU state is invalid", self.describe_vcpu(vcpu))
 
-    def _on_internal_error(self, vcpu) -> None:
+    def _on_internal_error(self, vcpu) -> bool | None:
         suberror = vcpu.run_struct.internal.suberror
         if suberror != KVM_INTERNAL_ERROR_EMULATION:
             self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM internal error, suberror {suberror}"
                      + _suberror_text(suberror), self.describe_vcpu(vcpu))
             return
         insn = self._failed_instruction(vcpu)
+        if self.debug is not None and insn[:1] == bytes([emulate.INT3]) and self.debug.on_int3(vcpu):
+            return True   # one of gdb's breakpoints (kvm_pvm: int3 at CPL0 is an emulation failure)
         outcome = emulate.complete(vcpu, insn)
         self.emulated[outcome.reason] += 1
         if outcome.resumed:
@@ -455,9 +513,8 @@ class Machine:
         if outcome.reset:
             self.end(STATUS_OK, f"vCPU {vcpu.id}: {outcome.reason}")
             return
-        self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM could not emulate the instruction at RIP "
-                 f"(bytes {insn.hex(' ') or 'unavailable'}) and pykvm does not complete it either",
-                 self.describe_vcpu(vcpu))
+        self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM could not emulate {_name_instruction(vcpu, insn)} at RIP, "
+                 "and it is not one of the instructions pykvm completes (int3, fwait)", self.describe_vcpu(vcpu))
 
     def _failed_instruction(self, vcpu) -> bytes:
         """The bytes of the instruction KVM gave up on: from the exit when KVM supplies them
@@ -534,6 +591,21 @@ def host_backend() -> str:
         if os.path.exists(f"/sys/module/{module}"):
             return module
     return "unknown"
+
+
+def _name_instruction(vcpu, insn: bytes) -> str:
+    """'`popcnt rbx, rax` (f3 48 0f b8 d8)': the first instruction of ``insn``, decoded in the
+    vCPU's current code size, or its raw bytes if it cannot be decoded."""
+    from .debug.disasm import disassemble
+    from .debug.report import code_bits
+    try:
+        decoded = disassemble(insn, 0, code_bits(vcpu.get_sregs()), limit=1)
+    except PykvmError:
+        decoded = []
+    if not decoded:
+        return f"the instruction with bytes {insn.hex(' ') or '(unavailable)'}"
+    _, raw, text = decoded[0]
+    return f"`{text}` ({raw.hex(' ')})"
 
 
 def _reason_name(reason: int) -> str:

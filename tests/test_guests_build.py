@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
-TOOLS = ("as", "ld", "objcopy", "make")
+TOOLS = ("as", "ld", "objcopy", "make", "gcc")   # gcc: the freestanding C kernels (virtio-*)
 
 EXPECTED = {
     "hello-real.bin",
@@ -29,11 +29,16 @@ EXPECTED = {
     "spin.bin",
     "exitloop.bin",
     "int3.bin",
+    "gdbtest.bin",
+    "gdbtest.elf",
     "mbinfo.elf",
     "smp.elf",
+    "virtio-blk.elf",
+    "virtio-console.elf",
+    "virtio-rng.elf",
 }
 
-KERNELS = ("mbinfo.elf", "smp.elf")
+KERNELS = ("mbinfo.elf", "smp.elf", "virtio-blk.elf", "virtio-console.elf", "virtio-rng.elf")
 
 
 def images(folder: Path) -> dict[str, bytes]:

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import ROOT, needs_kvm, run_pykvm
 
 pytestmark = needs_kvm

@@ -58,7 +58,7 @@ def test_list_names_every_bundled_guest():
     assert r.returncode == 0
     names = [line.split()[0] for line in r.stdout.decode().splitlines()]
     assert names == ["hello-long64", "hello-real", "hello-prot32", "hello-paged32", "hello-pae", "mmio", "int3",
-                     "spin", "exitloop"]
+                     "spin", "exitloop", "gdbtest"]
 
 
 def test_mmio_guest_checks_the_device():
@@ -203,3 +203,26 @@ def test_info_lists_capabilities():
     assert "KVM API version: 12" in out
     assert re.search(r"KVM_CAP_IRQCHIP +present", out)
     assert "maximum" in out
+
+
+def test_instruction_kvm_cannot_emulate_is_reported_precisely(tmp_path):
+    """kvm_pvm's emulator gives up on popcnt at CPL0 (KVM_EXIT_INTERNAL_ERROR, emulation) and it is
+    not one of the instructions pykvm completes: the report names the bytes, the instruction and the
+    mode. On hardware KVM the CPU just runs it, and the guest reports the result."""
+    image = assemble("""
+        mov $0xF0F0, %rax
+        popcnt %rax, %rbx
+        mov %bl, %al
+        out %al, $0xf4
+    """, 64, tmp_path)
+    path = tmp_path / "popcnt.bin"
+    path.write_bytes(image)
+    r = run_pykvm("run", str(path))
+    err = r.stderr.decode()
+    if backend() != "kvm_pvm":
+        assert r.returncode == (8 << 1) | 1, err
+        return
+    assert r.returncode == 4, err
+    assert "could not emulate `popcnt rbx, rax` (f3 48 0f b8 d8)" in " ".join(err.split())
+    assert re.search(r"=> 0x00008007: f3 48 0f b8 d8 +popcnt rbx, rax", err), err
+    assert "64-bit long mode" in err and "rax=000000000000f0f0" in err

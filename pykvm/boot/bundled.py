@@ -36,6 +36,8 @@ GUESTS = [
     BundledGuest("int3", CpuMode.LONG64, "builds an IDT, executes int3 and returns from its #BP handler"),
     BundledGuest("spin", CpuMode.LONG64, "prints a line, then loops forever (try --timeout 2)"),
     BundledGuest("exitloop", CpuMode.PROT32, "takes N exits of one kind, silently (exit-latency benchmark guest)"),
+    BundledGuest("gdbtest", CpuMode.LONG64, "calls bump() 3 times, exits with counter: to debug with gdb (symbols in "
+                                            "gdbtest.elf)"),
 ]
 DEFAULT = GUESTS[0]
 

@@ -1,0 +1,109 @@
+"""Wiring ``pykvm run``'s seeing-inside options to a Machine: --trace, --stats, --step, --gdb.
+
+:func:`attach` is called after the Machine is built and loaded and before it runs; the object it
+returns prints the statistics after the run (:meth:`Inside.finish`). The gdb stub's listening
+socket is closed with the Machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+DEFAULT_GDB_HOST = "127.0.0.1"
+
+
+@dataclass
+class Options:
+    trace: bool = False
+    trace_filter: str | None = None
+    stats: bool = False
+    stats_json: str | None = None
+    step: int = 0
+    step_from: int | None = None
+    gdb: str | None = None
+    gdb_wait: bool = False
+
+
+def parse_gdb_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` -> (host, port); the host defaults to loopback."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        host, port_text = "", text
+    host = host.strip("[]") or DEFAULT_GDB_HOST
+    try:
+        port = int(port_text, 10)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--gdb {text!r}: give [HOST]:PORT, e.g. 127.0.0.1:1234 or :1234")
+    return host, port
+
+
+def check(opts: Options) -> None:
+    """Usage errors that need no VM."""
+    if opts.trace_filter is not None:
+        from .trace import TraceFilter
+        TraceFilter.parse(opts.trace_filter)
+    if opts.step < 0:
+        raise UsageError(f"--step {opts.step}: give a number of instructions, at least 1")
+    if opts.step_from is not None and not opts.step:
+        raise UsageError("--step-from needs --step N (how many instructions to step from there)")
+    if opts.gdb is not None:
+        parse_gdb_address(opts.gdb)
+    elif opts.gdb_wait:
+        raise UsageError("--gdb-wait needs --gdb [HOST]:PORT")
+
+
+class Inside:
+    def __init__(self, machine, opts: Options) -> None:
+        self.machine = machine
+        self.opts = opts
+        self.server = None
+
+    def finish(self) -> None:
+        """After the run: the statistics table and/or JSON file."""
+        debug = self.machine.debug
+        if debug is not None and debug.pending_trigger() is not None:
+            print(f"pykvm: --step-from {debug.pending_trigger():#x}: the guest never executed an instruction "
+                  "starting there, so nothing was stepped", file=sys.stderr)
+        if not (self.opts.stats or self.opts.stats_json):
+            return
+        from . import stats
+        m = self.machine
+        summary = stats.summarize(m.stats, m.pio, m.mmio, m.emulated)
+        if self.opts.stats:
+            print(stats.format_table(summary), file=sys.stderr)
+        if self.opts.stats_json:
+            try:
+                with open(self.opts.stats_json, "w") as f:
+                    json.dump(stats.to_json(summary), f, indent=2)
+                    f.write("\n")
+            except OSError as e:
+                raise UsageError(f"cannot write --stats-json {self.opts.stats_json}: {e.strerror}") from None
+
+
+def attach(machine, opts: Options) -> Inside:
+    from .control import DebugControl
+    from .trace import TraceFilter, Tracer
+    check(opts)
+    inside = Inside(machine, opts)
+    if opts.trace or opts.trace_filter is not None:
+        filt = TraceFilter.parse(opts.trace_filter) if opts.trace_filter is not None else None
+        machine.tracer = Tracer(machine, filt)
+    if opts.step or opts.gdb is not None:
+        machine.debug = DebugControl(machine, wait=opts.gdb_wait, step=opts.step, step_from=opts.step_from)
+    if opts.gdb is not None:
+        from .gdbstub import GdbServer
+        host, port = parse_gdb_address(opts.gdb)
+        inside.server = GdbServer(machine.debug, host, port)
+        machine.on_close(inside.server.close)
+        inside.server.start()
+        where = f"{inside.server.host}:{inside.server.port}"
+        print(f"pykvm: gdb stub listening on {where}" + (" (the guest waits for gdb to continue)"
+              if opts.gdb_wait else "") + f"; connect with: gdb -ex 'target remote {where}'",
+              file=sys.stderr, flush=True)
+    return inside
