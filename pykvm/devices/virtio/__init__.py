@@ -1,0 +1,326 @@
+"""virtio devices on a Machine: where they sit, how guests learn of them, and the fast path.
+
+The pieces: :mod:`.queue` (split virtqueues), :mod:`.mmio` (the virtio-mmio transport) and one
+file per device (:mod:`.blk`, :mod:`.console`, :mod:`.rng`). This module places them and wires
+them to KVM; the CLI calls :func:`linux_cmdline` (before the boot plan is made) and
+:func:`attach_virtio` (once the Machine exists).
+
+Placement. Devices take 0x200-byte windows in the MMIO hole from :data:`MMIO_BASE`
+(0xd0001000; the MMIO test device has 0xd0000000-0xd0000fff) upwards, in the order: drives
+(``--drive``, in command-line order), the console, the entropy device. Each gets its own ISA
+interrupt from :data:`IRQS` (5, 6, 7, 9, 10, 11, 12, 14, 15: from 5 up, skipping COM1's 4, the
+RTC's 8 and the FPU's 13), edge-triggered as the MP table declares every ISA interrupt.
+
+Announcement.
+
+* To Linux: ``virtio_mmio.device=0x200@0xd0001000:5`` per device on the kernel command line
+  (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); with ``console`` also ``console=hvc0``.
+* To any guest: the fw_cfg file ``etc/pykvm/virtio-mmio`` (:data:`FW_CFG_FILE`), one 16-byte
+  little-endian record per device, in placement order::
+
+      le64 base   guest-physical address of the register window
+      le32 size   its length (0x200)
+      le16 irq    the ISA interrupt (I/O APIC pin / 8259 line)
+      le16 type   the virtio device ID (2 block, 3 console, 4 entropy)
+
+  The number of devices is the file size / 16. (fw_cfg's own directory is big-endian; this file
+  is little-endian, like the devices it describes.)
+
+Fast path, chosen at run time (:func:`fast_path`, shown by ``pykvm info``):
+
+* Notifications: with KVM_CAP_IOEVENTFD, each queue's QueueNotify write (4 bytes, data = queue
+  index) signals an eventfd inside KVM instead of exiting to pykvm; one thread per device waits
+  on its eventfds and processes the queue. Without it, the write is an MMIO exit and the queue is
+  processed on the vCPU thread.
+* Interrupts: with an in-kernel irqchip and KVM_CAP_IRQFD, raising the line is a write to an
+  eventfd that KVM turned into an interrupt (an edge: the pins are edge-triggered); else
+  KVM_IRQ_LINE. A machine without an irqchip gets no interrupts (guests poll).
+* ``PYKVM_VIRTIO_FASTPATH=0`` in the environment forces the fallbacks (tests use it to cover both).
+
+The device threads stop and the image files close when the machine closes (Machine.on_close).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ...errors import PykvmError, UsageError
+from ...kvm.constants import KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
+from ..bus import IrqLine
+from .blk import Block
+from .console import Console
+from .mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioDevice, VirtioMmio
+from .rng import Entropy
+
+MMIO_BASE = 0xD000_1000
+IRQS = (5, 6, 7, 9, 10, 11, 12, 14, 15)
+FW_CFG_FILE = "etc/pykvm/virtio-mmio"
+FW_CFG_RECORD = struct.Struct("<QIHH")     # base, size, irq, device type
+FASTPATH_ENV = "PYKVM_VIRTIO_FASTPATH"
+
+__all__ = ["Block", "Console", "DriveSpec", "Entropy", "FastPath", "Slot", "VirtioMmio", "VirtioSet",
+           "attach_virtio", "fast_path", "fw_cfg_table", "layout", "linux_cmdline", "parse_drive"]
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    """One ``--drive FILE[,readonly]``."""
+
+    path: str
+    readonly: bool = False
+
+
+def parse_drive(text: str) -> DriveSpec:
+    """``disk.img`` or ``disk.img,readonly`` (also ``ro``) -> DriveSpec. Raises UsageError."""
+    path, *options = text.split(",")
+    readonly = False
+    for option in options:
+        if option in ("readonly", "ro", "readonly=on"):
+            readonly = True
+        elif option not in ("", "readonly=off", "rw"):
+            raise UsageError(f"--drive {text}: unknown option {option!r} (the only one is 'readonly')")
+    if not path:
+        raise UsageError(f"--drive {text}: no file named")
+    return DriveSpec(path, readonly)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one device sits: its register window, interrupt and virtio device type."""
+
+    base: int
+    size: int
+    irq: int
+    device_id: int
+
+
+def layout(device_ids: Sequence[int]) -> list[Slot]:
+    """The slots of devices of these types, in order (see the module docstring)."""
+    if len(device_ids) > len(IRQS):
+        raise UsageError(f"at most {len(IRQS)} virtio devices fit this machine's ISA interrupts, "
+                         f"not {len(device_ids)}")
+    return [Slot(MMIO_BASE + i * MMIO_SIZE, MMIO_SIZE, IRQS[i], dev) for i, dev in enumerate(device_ids)]
+
+
+def _device_ids(drives: Sequence[DriveSpec], rng: bool, console: bool) -> list[int]:
+    return [Block.device_id] * len(drives) + [Console.device_id] * console + [Entropy.device_id] * rng
+
+
+def linux_cmdline(drives: Sequence[DriveSpec] = (), rng: bool = False, console: bool = False) -> list[str]:
+    """The kernel parameters that announce these devices to Linux."""
+    args = [f"virtio_mmio.device={s.size:#x}@{s.base:#x}:{s.irq}" for s in layout(_device_ids(drives, rng, console))]
+    if console:
+        args.append("console=hvc0")
+    return args
+
+
+def fw_cfg_table(slots: Sequence[Slot]) -> bytes:
+    """The contents of the fw_cfg file etc/pykvm/virtio-mmio."""
+    return b"".join(FW_CFG_RECORD.pack(s.base, s.size, s.irq, s.device_id) for s in slots)
+
+
+@dataclass(frozen=True)
+class FastPath:
+    ioeventfd: bool
+    irqfd: bool
+
+    def describe(self) -> str:
+        notify = "KVM_IOEVENTFD (a device thread per device)" if self.ioeventfd else "MMIO exits (vCPU thread)"
+        irq = "KVM_IRQFD" if self.irqfd else "KVM_IRQ_LINE"
+        return f"notifications via {notify}, interrupts via {irq}"
+
+
+def fast_path(kvm, irqchip: bool = True) -> FastPath:
+    """What this host's KVM offers: ioeventfds for notifications, irqfds for interrupts."""
+    if os.environ.get(FASTPATH_ENV, "1") == "0":
+        return FastPath(False, False)
+    return FastPath(ioeventfd=kvm.check_extension(Cap.IOEVENTFD) > 0,
+                    irqfd=irqchip and kvm.check_extension(Cap.IRQFD) > 0)
+
+
+class IrqfdLine(IrqLine):
+    """An interrupt line through KVM_IRQFD: raising it writes the eventfd; KVM injects an edge."""
+
+    def __init__(self, vm, gsi: int) -> None:
+        self.gsi = gsi
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            vm.irqfd(self.fd, gsi)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def set(self, level: bool) -> None:
+        if level:
+            os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class NotifyThread:
+    """The device thread of one transport: waits on one eventfd per queue (signalled by KVM on a
+    QueueNotify write) and processes that queue."""
+
+    def __init__(self, transport: VirtioMmio, name: str) -> None:
+        self.transport = transport
+        self.fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in transport.queues]
+        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def kick(self, index: int) -> None:
+        """A notification that reached pykvm anyway (an MMIO exit): hand it to the thread."""
+        os.eventfd_write(self.fds[index], 1)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        index_of = {}
+        for index, fd in enumerate(self.fds):
+            poller.register(fd, select.POLLIN)
+            index_of[fd] = index
+        poller.register(self._stop, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._stop:
+                    return
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                self.transport.process_queue(index_of[fd])   # never raises
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            os.eventfd_write(self._stop, 1)
+            self._thread.join()
+        for fd in [*self.fds, self._stop]:
+            os.close(fd)
+        self.fds = []
+
+
+@dataclass
+class VirtioSet:
+    """The virtio devices attached to one machine."""
+
+    slots: list[Slot]
+    transports: list[VirtioMmio]
+    fast: FastPath
+    cmdline: list[str]
+    console: Console | None = None
+    devices: list[VirtioDevice] = field(default_factory=list)
+    _threads: list[NotifyThread] = field(default_factory=list)
+    _irq_lines: list[IrqfdLine] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Stop the device threads, then close the image files and eventfds."""
+        for thread in self._threads:
+            thread.stop()
+        self._threads = []
+        for transport in self.transports:
+            transport.close()
+        for device in self.devices:
+            device.close()
+        for line in self._irq_lines:
+            line.close()
+        self._irq_lines = []
+
+
+def _report(name: str, slot: Slot) -> Callable[[str], None]:
+    def report(reason: str) -> None:
+        print(f"pykvm: {name} at {slot.base:#x}: {reason}; the device needs a reset", file=sys.stderr)
+    return report
+
+
+def attach_virtio(machine, drives: Sequence[DriveSpec] = (), rng: bool = False, console: bool = False,
+                  console_out: Callable[[bytes], None] | None = None) -> VirtioSet:
+    """Create the devices, attach them to ``machine``'s MMIO bus, offer the fw_cfg table, set
+    up the fast path, and have the machine stop them when it closes.
+
+    ``console_out`` receives the virtio console's output (default: stdout). Returns the
+    :class:`VirtioSet`; its ``cmdline`` is what :func:`linux_cmdline` gives for the same
+    devices. Raises UsageError for a drive that cannot be opened."""
+    slots = layout(_device_ids(drives, rng, console))    # too many devices: refused before opening any
+    devices: list[VirtioDevice] = []
+    try:
+        for spec in drives:
+            try:
+                devices.append(Block(spec.path, readonly=spec.readonly))
+            except OSError as e:
+                raise UsageError(f"cannot open drive {spec.path}"
+                                 f"{' read-only' if spec.readonly else ''}: {e.strerror}") from None
+    except BaseException:
+        for device in devices:
+            device.close()
+        raise
+    console_dev = Console(console_out or _stdout_write) if console else None
+    if console_dev is not None:
+        devices.append(console_dev)
+    if rng:
+        devices.append(Entropy())
+    fast = fast_path(machine.kvm, machine.irqchip)
+    result = VirtioSet(slots, [], fast, linux_cmdline(drives, rng, console), console_dev, devices)
+    machine.on_close(result.close)
+    for device, slot in zip(devices, slots, strict=True):
+        transport = VirtioMmio(device, machine.memory, _irq_line(machine, slot.irq, fast, result),
+                               on_error=_report(device.name, slot))
+        result.transports.append(transport)
+        machine.mmio.attach(transport, slot.base, slot.size)
+        if fast.ioeventfd:
+            _use_ioeventfds(machine.vm, transport, slot, result)
+    if slots:
+        machine.fw_cfg.add_file(FW_CFG_FILE, fw_cfg_table(slots))
+    return result
+
+
+def _irq_line(machine, irq: int, fast: FastPath, result: VirtioSet) -> IrqLine:
+    if not machine.irqchip:
+        return IrqLine()
+    if fast.irqfd:
+        try:
+            line = IrqfdLine(machine.vm, irq)
+        except PykvmError:
+            pass            # KVM refused the irqfd: KVM_IRQ_LINE below
+        else:
+            result._irq_lines.append(line)
+            return line
+    from ...machine import KvmIrqLine
+    return KvmIrqLine(machine.vm, irq)
+
+
+def _use_ioeventfds(vm, transport: VirtioMmio, slot: Slot, result: VirtioSet) -> None:
+    thread = NotifyThread(transport, f"{transport.device.name}@{slot.base:#x}")
+    addr = slot.base + QUEUE_NOTIFY
+    done = []
+    try:
+        for index, fd in enumerate(thread.fds):
+            vm.ioeventfd(addr, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH, datamatch=index)
+            done.append((index, fd))
+    except PykvmError:
+        # KVM refused: take this device's notifications as MMIO exits, and take back the
+        # eventfds KVM accepted, or their notifications would vanish into closed eventfds.
+        for index, fd in done:
+            vm.ioeventfd(addr, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH | KVM_IOEVENTFD_FLAG_DEASSIGN, datamatch=index)
+        thread.stop()
+        return
+    transport.notify = thread.kick
+    result._threads.append(thread)
+    thread.start()
+
+
+def _stdout_write(data: bytes) -> None:
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except (BrokenPipeError, ValueError):
+        pass

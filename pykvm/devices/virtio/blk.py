@@ -1,0 +1,189 @@
+"""virtio-blk (virtio 1.x, section 5.2): a raw image file as the guest's disk.
+
+One request queue. Each request is one chain: a 16-byte device-readable header ``{le32 type;
+le32 reserved; le64 sector}``, then the data (device-readable for a write, device-writable for a
+read), then one device-writable status byte, the last byte of the chain. The layout inside the
+chain is free (the header and the data may share descriptors, as the spec allows).
+
+========  ==========================================================================
+type      what the device does
+========  ==========================================================================
+IN (0)    read ``len(data)`` bytes from ``sector * 512`` into the guest's buffers
+OUT (1)   write the guest's buffers at ``sector * 512``; IOERR on a read-only drive
+FLUSH (4) ``fsync`` the image (nothing to do on a read-only drive)
+GET_ID(8) the device id string, 20 bytes, NUL-padded: the image file's name
+other     status UNSUPP
+========  ==========================================================================
+
+IN/OUT data must be a whole number of 512-byte sectors, and the range must lie inside the
+capacity (the image size in sectors, rounded down): otherwise status IOERR and nothing is
+transferred. Data moves between the file and guest RAM with ``preadv``/``pwritev`` on
+memoryviews of guest memory (``GuestMemory.view``): no copy in Python.
+
+Features offered: SEG_MAX (queue size - 2 data segments per request), FLUSH (the driver sends
+flushes; without it negotiated every write is followed by ``fdatasync``, as the spec wants a
+write-through device then) and RO for a read-only drive. Configuration space: the 60-byte
+``virtio_blk_config`` with ``capacity`` and ``seg_max`` filled in (``blk_size`` 512 too,
+though BLK_SIZE is not offered).
+
+A chain without a writable byte for the status cannot be answered: it is returned with 0 bytes
+written and counted in :attr:`Block.bad_requests`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from .mmio import ID_BLOCK, VirtioDevice
+from .queue import Chain, SplitQueue
+
+VIRTIO_BLK_F_SIZE_MAX = 1 << 1
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+SECTOR = 512
+QUEUE_SIZE = 256
+ID_BYTES = 20
+CONFIG_SIZE = 60
+IOV_MAX = 1024                  # the most buffers one preadv/pwritev takes
+
+_HEADER = struct.Struct("<IIQ")
+
+
+class BlockError(OSError):
+    pass
+
+
+class Block(VirtioDevice):
+    """A virtio-blk device over the raw image at ``path``."""
+
+    device_id = ID_BLOCK
+    name = "virtio-blk"
+    queue_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, path: str, readonly: bool = False, serial: str | None = None) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            size = os.lseek(self.fd, 0, os.SEEK_END)    # works for block devices too
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.capacity = size // SECTOR
+        self.seg_max = QUEUE_SIZE - 2
+        self.features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | (VIRTIO_BLK_F_RO if readonly else 0)
+        ident = (serial if serial is not None else os.path.basename(path)).encode()[:ID_BYTES]
+        self.ident = ident.ljust(ID_BYTES, b"\0")
+        self.bad_requests = 0
+        self.requests = 0
+        self.flushes = 0
+        self._config = struct.pack("<QII4xI", self.capacity, 0, self.seg_max, SECTOR).ljust(CONFIG_SIZE, b"\0")
+
+    def config(self) -> bytes:
+        return self._config
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def process(self, index: int, queue: SplitQueue) -> None:
+        while (chain := queue.pop()) is not None:
+            queue.push(chain.head, self.handle(chain))
+
+    def handle(self, chain: Chain) -> int:
+        """Carry out one request; returns the bytes written into the chain (data + status)."""
+        self.requests += 1
+        status_at = chain.writable_len - 1
+        if status_at < 0:
+            self.bad_requests += 1
+            return 0
+        header = chain.read(0, _HEADER.size)
+        written = 0
+        if len(header) < _HEADER.size:
+            status = VIRTIO_BLK_S_IOERR
+        else:
+            kind, _, sector = _HEADER.unpack(header)
+            if kind == VIRTIO_BLK_T_IN:
+                status = self._transfer(chain, sector, status_at, into_guest=True)
+                written = status_at if status == VIRTIO_BLK_S_OK else 0
+            elif kind == VIRTIO_BLK_T_OUT:
+                status = self._transfer(chain, sector, chain.readable_len - _HEADER.size, into_guest=False)
+            elif kind == VIRTIO_BLK_T_FLUSH:
+                status = self._flush()
+            elif kind == VIRTIO_BLK_T_GET_ID:
+                written = chain.write(self.ident[:status_at])
+                status = VIRTIO_BLK_S_OK
+            else:
+                status = VIRTIO_BLK_S_UNSUPP
+        chain.write(bytes((status,)), status_at)
+        return written + 1
+
+    def _in_range(self, sector: int, nbytes: int) -> bool:
+        return nbytes % SECTOR == 0 and sector + nbytes // SECTOR <= self.capacity
+
+    def _transfer(self, chain: Chain, sector: int, nbytes: int, into_guest: bool) -> int:
+        if not into_guest and self.readonly:
+            return VIRTIO_BLK_S_IOERR
+        if nbytes < 0 or not self._in_range(sector, nbytes):
+            return VIRTIO_BLK_S_IOERR
+        if into_guest:
+            segments = chain.writable_segments(0, nbytes)
+        else:
+            segments = chain.readable_segments(_HEADER.size, nbytes)
+        memory = chain.memory
+        views = [memory.view(gpa, length) for gpa, length in segments]
+        try:
+            _io_all(self.fd, views, sector * SECTOR, into_guest)
+            if not into_guest and not self.transport.negotiated(VIRTIO_BLK_F_FLUSH):
+                os.fdatasync(self.fd)     # no FLUSH negotiated: the device must be write-through
+        except OSError:
+            return VIRTIO_BLK_S_IOERR
+        finally:
+            for view in views:
+                view.release()
+        return VIRTIO_BLK_S_OK
+
+    def _flush(self) -> int:
+        self.flushes += 1
+        if self.readonly:
+            return VIRTIO_BLK_S_OK
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            return VIRTIO_BLK_S_IOERR
+        return VIRTIO_BLK_S_OK
+
+
+def _io_all(fd: int, views: list[memoryview], offset: int, into_guest: bool) -> None:
+    """preadv/pwritev all of ``views`` at ``offset``, continuing after short transfers; a read
+    that meets the end of the file (the image shrank) is an error."""
+    op = os.preadv if into_guest else os.pwritev
+    pending = [v for v in views if len(v)]
+    while pending:
+        batch = pending[:IOV_MAX]
+        done = op(fd, batch, offset)
+        if done <= 0:
+            raise BlockError(f"{'read' if into_guest else 'write'} at {offset} made no progress")
+        offset += done
+        while done:
+            first = pending[0]
+            if done >= len(first):
+                done -= len(first)
+                pending.pop(0)
+            else:
+                pending[0] = first[done:]
+                done = 0

@@ -1,0 +1,445 @@
+"""The virtio-mmio transport, version 2 (virtio 1.x, section 4.2.2), and the device contract.
+
+One :class:`VirtioMmio` is one virtio device as the guest sees it: a 0x200-byte register window
+in the MMIO hole plus an interrupt line. The register layout (all registers 32 bits wide,
+little-endian; R = read, W = write):
+
+=====  ===================  ==  ======================================================
+off    name                 RW  meaning
+=====  ===================  ==  ======================================================
+0x000  MagicValue           R   0x74726976 ("virt")
+0x004  Version              R   2 (virtio 1.x; 1 would be the legacy interface)
+0x008  DeviceID             R   2 block, 3 console, 4 entropy (0: no device)
+0x00c  VendorID             R   0x564b5950, the ASCII bytes "PYKV" (QEMU says "QEMU" here)
+0x010  DeviceFeatures       R   32 bits of the offered features, selected by ...
+0x014  DeviceFeaturesSel    W   ... 0 (bits 0-31) or 1 (bits 32-63); any other: 0
+0x020  DriverFeatures       W   32 bits of the accepted features, selected by ...
+0x024  DriverFeaturesSel    W   ... 0 or 1 (others ignored)
+0x030  QueueSel             W   the queue the Queue* registers below address
+0x034  QueueNumMax          R   its largest size; 0 if there is no such queue
+0x038  QueueNum             W   its size (a power of 2, at most QueueNumMax)
+0x044  QueueReady           RW  1: the device may use the queue; 0: stop using it
+0x050  QueueNotify          W   queue index: "new buffers in this queue"
+0x060  InterruptStatus      R   bit 0 used buffer, bit 1 configuration change
+0x064  InterruptACK         W   clears the written bits of InterruptStatus
+0x070  Status               RW  the device status (below); writing 0 resets the device
+0x080  QueueDescLow/High    W   guest-physical address of the descriptor table (0x084: high)
+0x090  QueueDriverLow/High  W   ... of the available ring (driver area)
+0x0a0  QueueDeviceLow/High  W   ... of the used ring (device area)
+0x0fc  ConfigGeneration     R   changes whenever the configuration space changes
+0x100  Config               RW  device-specific configuration space (any width)
+=====  ===================  ==  ======================================================
+
+Accesses to registers below 0x100 that are not 32-bit and aligned (the spec allows no other)
+read as 0 and are ignored when written, as are reads of write-only and writes of read-only
+registers. Queue registers of a queue that is ready are ignored when written (a driver must
+stop the queue first).
+
+The status state machine (2.1). The driver only ever adds bits, in this order; a write that
+clears bits is ignored, and a bit whose precondition fails is dropped:
+
+* ACKNOWLEDGE (1): the guest noticed the device. Always accepted.
+* DRIVER (2): it has a driver. Needs ACKNOWLEDGE.
+* FEATURES_OK (8): needs DRIVER, and is refused (reads back clear) unless the accepted features
+  are a subset of the offered ones and include VIRTIO_F_VERSION_1 (bit 32).
+* DRIVER_OK (4): needs FEATURES_OK. The device starts: it looks at every ready queue.
+* FAILED (128): the driver gave up. Always accepted; the device stops.
+* DEVICE_NEEDS_RESET (64): set by the device only, when the driver broke a rule (a bad chain,
+  a bad queue layout). The device stops and, if DRIVER_OK was set, raises a configuration-change
+  interrupt. Only a reset clears it.
+
+Writing 0 resets the device: status, features, selectors, queues and InterruptStatus return to
+their initial values and the interrupt line drops.
+
+The device does nothing with a queue until DRIVER_OK is set and the queue is ready, and never
+after FAILED or DEVICE_NEEDS_RESET. The interrupt line is driven with ``level =
+InterruptStatus != 0`` (the transport calls ``IrqLine.set`` on every change of that level).
+
+Threads. Registers are written by vCPU threads; queues are processed either there (QueueNotify
+taken as an MMIO exit) or by a device thread woken through an ioeventfd (see
+:mod:`pykvm.devices.virtio`). A lock serializes queue processing with every register write
+that changes the device's state; InterruptStatus has its own small lock so that an interrupt
+handler reading or acknowledging it never waits for a long disk transfer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from ...memory import GuestMemory, GuestMemoryError
+from ..bus import IrqLine
+from .queue import SplitQueue, VirtqueueError
+
+MAGIC = 0x7472_6976            # "virt"
+VERSION = 2
+VENDOR_ID = 0x564B_5950        # "PYKV"
+MMIO_SIZE = 0x200              # the register window of one device
+CONFIG_OFFSET = 0x100
+
+# Register offsets
+MAGIC_VALUE = 0x000
+VERSION_REG = 0x004
+DEVICE_ID = 0x008
+VENDOR_ID_REG = 0x00C
+DEVICE_FEATURES = 0x010
+DEVICE_FEATURES_SEL = 0x014
+DRIVER_FEATURES = 0x020
+DRIVER_FEATURES_SEL = 0x024
+QUEUE_SEL = 0x030
+QUEUE_NUM_MAX = 0x034
+QUEUE_NUM = 0x038
+QUEUE_READY = 0x044
+QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS = 0x060
+INTERRUPT_ACK = 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW = 0x080
+QUEUE_DESC_HIGH = 0x084
+QUEUE_DRIVER_LOW = 0x090
+QUEUE_DRIVER_HIGH = 0x094
+QUEUE_DEVICE_LOW = 0x0A0
+QUEUE_DEVICE_HIGH = 0x0A4
+CONFIG_GENERATION = 0x0FC
+
+# Device status bits (2.1)
+ACKNOWLEDGE = 1
+DRIVER = 2
+DRIVER_OK = 4
+FEATURES_OK = 8
+DEVICE_NEEDS_RESET = 64
+FAILED = 128
+
+# InterruptStatus bits
+INT_VRING = 1
+INT_CONFIG = 2
+
+# Device-independent feature bits (6)
+VIRTIO_F_RING_INDIRECT_DESC = 1 << 28
+VIRTIO_F_RING_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC | VIRTIO_F_RING_EVENT_IDX
+
+# Device IDs (5)
+ID_BLOCK = 2
+ID_CONSOLE = 3
+ID_ENTROPY = 4
+
+
+class VirtioDevice:
+    """What a device behind the transport provides. Subclass and override.
+
+    ``device_id``, ``features`` (device-specific bits offered, below bit 24) and
+    ``queue_sizes`` (QueueNumMax of each queue) describe it. :meth:`config` is the configuration
+    space; :meth:`process` handles what the driver made available in one queue (called with the
+    transport's lock held, only while the device is running). ``self.transport`` is set when the
+    device is attached; a device with work of its own (console input) calls
+    ``self.transport.process_queue(index)`` to get at a queue.
+    """
+
+    device_id = 0
+    name = "virtio"
+    features = 0
+    queue_sizes: tuple[int, ...] = ()
+
+    transport: VirtioMmio
+
+    def config(self) -> bytes:
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """A driver write into the configuration space (ignored unless a device overrides it)."""
+
+    def activate(self) -> None:
+        """The driver set DRIVER_OK."""
+
+    def reset(self) -> None:
+        """The driver reset the device (or the machine closes)."""
+
+    def process(self, index: int, queue: SplitQueue) -> None:
+        """Handle the chains the driver made available in queue ``index``. May raise
+        VirtqueueError (the transport then sets DEVICE_NEEDS_RESET)."""
+
+    def close(self) -> None:
+        """Release host resources (files)."""
+
+
+class _QueueState:
+    """The Queue* registers of one queue and, while it is ready, its SplitQueue."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.num = self.max_size
+        self.ready = False
+        self.desc = self.driver = self.device = 0
+        self.queue: SplitQueue | None = None
+
+
+def _set_half(value: int, high: bool, half: int) -> int:
+    if high:
+        return (value & 0xFFFF_FFFF) | (half << 32)
+    return (value & ~0xFFFF_FFFF) | half
+
+
+class VirtioMmio:
+    """The register window of one virtio device (see the module docstring)."""
+
+    def __init__(self, device: VirtioDevice, memory: GuestMemory, irq: IrqLine | None = None,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.device = device
+        self.memory = memory
+        self.irq = irq or IrqLine()
+        self.on_error = on_error
+        self.offered = TRANSPORT_FEATURES | device.features
+        self.queues = [_QueueState(size) for size in device.queue_sizes]
+        # How a QueueNotify write is handled: inline by default; a device thread's wake-up when
+        # notifications arrive through ioeventfds (pykvm.devices.virtio sets it).
+        self.notify: Callable[[int], None] = self.process_queue
+        self.config_generation = 0
+        self.last_error: str | None = None
+        self.notifications = 0       # QueueNotify writes seen as MMIO exits
+        self.lock = threading.RLock()
+        self._irq_lock = threading.Lock()
+        self.interrupt_status = 0
+        device.transport = self
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.device_features_sel = 0
+        self.driver_features = 0
+        self.driver_features_sel = 0
+        self.queue_sel = 0
+        for q in self.queues:
+            q.reset()
+        with self._irq_lock:
+            if self.interrupt_status:
+                self.interrupt_status = 0
+                self.irq.set(False)
+
+    # --- state ---------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.status & (DRIVER_OK | FAILED | DEVICE_NEEDS_RESET) == DRIVER_OK
+
+    def negotiated(self, feature: int) -> bool:
+        return bool(self.status & FEATURES_OK and self.driver_features & feature)
+
+    def reset(self) -> None:
+        with self.lock:
+            self._reset_state()
+            self.device.reset()
+
+    # --- interrupts ----------------------------------------------------------------------------
+    def raise_interrupt(self, bits: int) -> None:
+        with self._irq_lock:
+            was = self.interrupt_status
+            self.interrupt_status = was | bits
+            if not was and bits:
+                self.irq.set(True)
+
+    def _ack(self, bits: int) -> None:
+        with self._irq_lock:
+            was = self.interrupt_status
+            self.interrupt_status = was & ~bits
+            if was and not self.interrupt_status:
+                self.irq.set(False)
+
+    def config_changed(self) -> None:
+        """The device changed its configuration space: new generation, and tell the driver."""
+        with self.lock:
+            self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
+            if self.status & DRIVER_OK:
+                self.raise_interrupt(INT_CONFIG)
+
+    def fail(self, reason: str) -> None:
+        """The driver broke a rule: stop, set DEVICE_NEEDS_RESET, tell the driver if it runs."""
+        with self.lock:
+            self.last_error = reason
+            already = self.status & DEVICE_NEEDS_RESET
+            self.status |= DEVICE_NEEDS_RESET
+            for q in self.queues:
+                q.queue = None
+            if not already and self.status & DRIVER_OK:
+                self.raise_interrupt(INT_CONFIG)
+        if not already and self.on_error is not None:
+            self.on_error(reason)
+
+    # --- queues --------------------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        """Let the device handle queue ``index`` if it may. Never raises: a broken rule sets
+        DEVICE_NEEDS_RESET; a fault of the device itself is reported the same way."""
+        with self.lock:
+            if not self.running or not 0 <= index < len(self.queues):
+                return
+            queue = self.queues[index].queue
+            if queue is None:
+                return
+            try:
+                while True:
+                    queue.disable_notifications()
+                    before = queue.last_avail
+                    self.device.process(index, queue)
+                    # Buffers that came in while notifications were off are handled now; a device
+                    # that took nothing this round (console input with nothing to say) stops here.
+                    if not queue.enable_notifications() or queue.last_avail == before:
+                        break
+                interrupt = queue.needs_interrupt()
+            except (VirtqueueError, GuestMemoryError) as e:
+                self.fail(f"{self.device.name} queue {index}: {e}")
+                return
+            except Exception as e:   # a fault in the device model: never let it reach the vCPU
+                self.fail(f"{self.device.name} queue {index}: internal error: {e!r}")
+                return
+        if interrupt:
+            self.raise_interrupt(INT_VRING)
+
+    def _queue_ready(self, state: _QueueState, ready: bool) -> None:
+        if not ready:
+            state.ready = False
+            state.queue = None
+            return
+        if state.ready or state.max_size == 0:
+            return
+        if not self.status & FEATURES_OK:
+            self.fail("a queue was enabled before FEATURES_OK")
+            return
+        if state.num > state.max_size:
+            self.fail(f"queue size {state.num} is larger than QueueNumMax {state.max_size}")
+            return
+        try:
+            state.queue = SplitQueue(self.memory, state.num, state.desc, state.driver, state.device,
+                                     indirect=self.negotiated(VIRTIO_F_RING_INDIRECT_DESC),
+                                     event_idx=self.negotiated(VIRTIO_F_RING_EVENT_IDX))
+        except VirtqueueError as e:
+            self.fail(f"{self.device.name} queue {self.queue_sel}: {e}")
+            return
+        state.ready = True
+
+    # --- the registers -------------------------------------------------------------------------
+    def _selected(self) -> _QueueState | None:
+        sel = self.queue_sel
+        return self.queues[sel] if sel < len(self.queues) else None
+
+    def read(self, offset: int, size: int) -> int:
+        if offset >= CONFIG_OFFSET:
+            return self._read_config(offset - CONFIG_OFFSET, size)
+        if size != 4 or offset % 4:
+            return 0
+        if offset == MAGIC_VALUE:
+            return MAGIC
+        if offset == VERSION_REG:
+            return VERSION
+        if offset == DEVICE_ID:
+            return self.device.device_id
+        if offset == VENDOR_ID_REG:
+            return VENDOR_ID
+        if offset == DEVICE_FEATURES:
+            sel = self.device_features_sel
+            return (self.offered >> (32 * sel)) & 0xFFFF_FFFF if sel < 2 else 0
+        if offset == QUEUE_NUM_MAX:
+            q = self._selected()
+            return q.max_size if q is not None else 0
+        if offset == QUEUE_READY:
+            q = self._selected()
+            return int(q is not None and q.ready)
+        if offset == INTERRUPT_STATUS:
+            return self.interrupt_status
+        if offset == STATUS:
+            return self.status
+        if offset == CONFIG_GENERATION:
+            return self.config_generation
+        return 0
+
+    def _read_config(self, offset: int, size: int) -> int:
+        data = self.device.config()[offset:offset + size]
+        return int.from_bytes(data.ljust(size, b"\0"), "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset >= CONFIG_OFFSET:
+            with self.lock:
+                self.device.write_config(offset - CONFIG_OFFSET, value.to_bytes(size, "little"))
+            return
+        if size != 4 or offset % 4:
+            return
+        value &= 0xFFFF_FFFF
+        if offset == QUEUE_NOTIFY:
+            self.notifications += 1
+            if value < len(self.queues):
+                self.notify(value)
+            return
+        if offset == INTERRUPT_ACK:
+            self._ack(value)
+            return
+        with self.lock:
+            self._write_locked(offset, value)
+
+    def _write_locked(self, offset: int, value: int) -> None:
+        if offset == STATUS:
+            self._write_status(value)
+        elif offset == DEVICE_FEATURES_SEL:
+            self.device_features_sel = value
+        elif offset == DRIVER_FEATURES_SEL:
+            self.driver_features_sel = value
+        elif offset == DRIVER_FEATURES:
+            if self.driver_features_sel < 2 and not self.status & FEATURES_OK:
+                self.driver_features = _set_half(self.driver_features, self.driver_features_sel == 1, value)
+        elif offset == QUEUE_SEL:
+            self.queue_sel = value
+        else:
+            q = self._selected()
+            if q is None:
+                return
+            if offset == QUEUE_READY:
+                self._queue_ready(q, value == 1)
+            elif q.ready:
+                return      # a live queue's layout cannot change under the device
+            elif offset == QUEUE_NUM:
+                q.num = value
+            elif offset in (QUEUE_DESC_LOW, QUEUE_DESC_HIGH):
+                q.desc = _set_half(q.desc, offset == QUEUE_DESC_HIGH, value)
+            elif offset in (QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH):
+                q.driver = _set_half(q.driver, offset == QUEUE_DRIVER_HIGH, value)
+            elif offset in (QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
+                q.device = _set_half(q.device, offset == QUEUE_DEVICE_HIGH, value)
+
+    def _write_status(self, value: int) -> None:
+        value &= 0xFF
+        if value == 0:
+            self._reset_state()
+            self.device.reset()
+            return
+        old = self.status
+        if old & ~value & ~DEVICE_NEEDS_RESET:
+            return                     # the driver must never clear a bit (other than by reset)
+        new = value & ~old & ~DEVICE_NEEDS_RESET
+        have = old
+        if new & ACKNOWLEDGE:
+            have |= ACKNOWLEDGE
+        if new & DRIVER and have & ACKNOWLEDGE:
+            have |= DRIVER
+        if new & FEATURES_OK and have & DRIVER and self._features_acceptable():
+            have |= FEATURES_OK
+        if new & DRIVER_OK and have & FEATURES_OK:
+            have |= DRIVER_OK
+        if new & FAILED:
+            have |= FAILED
+        self.status = have
+        if have & DRIVER_OK and not old & DRIVER_OK:
+            self.device.activate()
+            if self.running:
+                for index in range(len(self.queues)):
+                    self.process_queue(index)   # buffers offered before DRIVER_OK
+
+    def _features_acceptable(self) -> bool:
+        accepted = self.driver_features
+        return bool(accepted & VIRTIO_F_VERSION_1) and not accepted & ~self.offered
+
+    def close(self) -> None:
+        with self.lock:
+            for q in self.queues:
+                q.queue = None
+            self.device.close()
