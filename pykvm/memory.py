@@ -145,6 +145,15 @@ class GuestMemory:
             return False
         return True
 
+    def writable(self, gpa: int, n: int = 1) -> bool:
+        """True if [gpa, gpa+n) lies wholly inside one region the guest can write: RAM, not ROM.
+        A device's DMA may only target such memory (on hardware, writes to ROM are lost)."""
+        try:
+            region, _ = self._locate(gpa, n)
+        except GuestMemoryError:
+            return False
+        return not region.readonly
+
     def read(self, gpa: int, n: int) -> bytes:
         region, off = self._locate(gpa, n)
         return region._map[off:off + n]

@@ -66,3 +66,15 @@ def test_boot_tiny_reports_both_vmms_and_their_ratio():
     result = json.loads(proc.stdout)
     assert result["pykvm_s"] > 0 and result["qemu_s"] > 0
     assert result["ratio"] == pytest.approx(result["pykvm_s"] / result["qemu_s"])
+
+
+@pytest.mark.skipif(not _kvm_usable(), reason="/dev/kvm is missing or not accessible: no VM can run")
+def test_blk_throughput_reports_both_vmms_and_their_ratio():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.blk_throughput", "--mib", "4", "--repeat", "1",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["pykvm_mib_s"] > 0 and result["pykvm-no-fastpath_mib_s"] > 0
+    if shutil.which("qemu-system-x86_64") is not None:
+        assert result["qemu_mib_s"] > 0
+        assert result["ratio"] == pytest.approx(result["pykvm_mib_s"] / result["qemu_mib_s"], rel=0.01)

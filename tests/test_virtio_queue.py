@@ -401,3 +401,21 @@ def test_well_formed_chains_then_corrupted(seed, corruptions, indirect, event_id
         served = _serve_and_check(mem, q)
         if not corruptions and (indirect or not any_indirect):
             assert served == rings.avail_idx           # nothing refused when nothing was wrong
+
+
+def test_device_writes_never_target_rom():
+    with GuestMemory(4 * MiB) as mem:
+        rom = 0xFFFF_0000
+        mem.add_rom(rom, b"\x90" * 4096)
+        assert mem.contains(rom, 16) and not mem.writable(rom, 16) and mem.writable(0x1000, 16)
+        rings = Rings(mem, size=4)
+        q = queue_for(rings)
+        rings.put_desc(0, rom, 16, 0)                   # reading firmware: allowed
+        rings.offer(0)
+        assert q.pop().readable == [(rom, 16)]
+        rings.put_desc(1, rom, 16, W)                   # writing into it: refused
+        rings.offer(1)
+        with pytest.raises(VirtqueueError, match="device-writable"):
+            q.pop()
+        with pytest.raises(VirtqueueError, match="used ring"):
+            SplitQueue(mem, 4, rings.desc, rings.avail, rom)

@@ -15,8 +15,9 @@ or writes through GuestMemory:
 
 The guest writes all of this, so nothing in it is trusted (the hostile-guest rules):
 
-* every buffer is checked to lie inside guest RAM (``GuestMemory.contains``) before the device
-  gets it, and every access goes through GuestMemory;
+* every buffer is checked to lie inside guest memory (``GuestMemory.contains``; a device-writable
+  one, and the used ring, inside RAM: ``GuestMemory.writable``, never ROM) before the device gets
+  it, and every access goes through GuestMemory;
 * a chain in the descriptor table is at most ``size`` descriptors long, an indirect table at most
   its own ``len / 16`` entries (and never more than :data:`MAX_INDIRECT`): anything longer is a
   loop, and is refused;
@@ -171,12 +172,13 @@ class SplitQueue:
                  indirect: bool = False, event_idx: bool = False) -> None:
         if not (0 < size <= MAX_QUEUE_SIZE and size & (size - 1) == 0):
             raise VirtqueueError(f"queue size {size} is not a power of 2 between 1 and {MAX_QUEUE_SIZE}")
-        for name, addr, align, length in (("descriptor table", desc, DESC_ALIGN, DESC_SIZE * size),
-                                          ("available ring", avail, AVAIL_ALIGN, avail_area_size(size)),
-                                          ("used ring", used, USED_ALIGN, used_area_size(size))):
+        for name, addr, align, length, inside in (
+                ("descriptor table", desc, DESC_ALIGN, DESC_SIZE * size, memory.contains),
+                ("available ring", avail, AVAIL_ALIGN, avail_area_size(size), memory.contains),
+                ("used ring", used, USED_ALIGN, used_area_size(size), memory.writable)):
             if addr % align:
                 raise VirtqueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
-            if not memory.contains(addr, length):
+            if not inside(addr, length):
                 raise VirtqueueError(f"{name} at {addr:#x}+{length:#x} is not inside guest RAM")
         self.memory = memory
         self.size = size
@@ -244,9 +246,11 @@ class SplitQueue:
                 table, table_size, index, steps, nested = addr, length // DESC_SIZE, 0, 0, True
                 continue
             if length:
-                if not memory.contains(addr, length):
-                    raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is not inside guest RAM")
-                if flags & VIRTQ_DESC_F_WRITE:
+                writable = flags & VIRTQ_DESC_F_WRITE
+                if not (memory.writable if writable else memory.contains)(addr, length):
+                    raise VirtqueueError(f"{'device-writable ' if writable else ''}buffer {addr:#x}+{length:#x} "
+                                         f"is not inside guest {'RAM' if writable else 'memory'}")
+                if writable:
                     chain.writable.append((addr, length))
                     seen_writable = True
                 elif seen_writable:
