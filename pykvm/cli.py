@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     see.add_argument("--gdb-wait", action="store_true", help="with --gdb: start the guest only when gdb continues")
 
     sub.add_parser("info", help="KVM API version, capabilities pykvm uses, vCPU limits")
+    fetch = sub.add_parser("fetch", help="download a guest: `pykvm fetch linux` gets Debian's kernel (cached)")
+    fetch.add_argument("what", choices=["linux"])
     return parser
 
 
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "fetch":
+            return cmd_fetch(args)
         return cmd_info(args)
     except PykvmError as e:
         _say(str(e))
@@ -216,6 +220,14 @@ def _plan_for(args):
         image, mode = guest.path.read_bytes(), guest.mode
     load_addr = bundled.LOAD_ADDR if args.load_addr is None else args.load_addr
     return load_flat(image, load_addr, mode, args.mem, name=name)
+
+
+def cmd_fetch(args) -> int:
+    from .fetch import fetch_linux
+    vmlinuz, vmlinux = fetch_linux()
+    print(f"vmlinuz {vmlinuz}")
+    print(f"vmlinux {vmlinux}")
+    return 0
 
 
 def cmd_info(args) -> int:

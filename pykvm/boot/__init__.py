@@ -38,9 +38,10 @@ BIOS_AREA = (0xF0000, 0x100000)   # where the MP floating pointer and tables liv
 def memory_map(mem_size: int) -> list[tuple[int, int, int]]:
     """The guest's physical memory map as (start, length, type), in address order.
 
-    RAM as laid out by :func:`pykvm.memory.ram_layout`, with the PC's traditional holes marked
-    reserved: the EBDA below 640 KiB, the VGA/ROM window 0xA0000-0xFFFFF (0xF0000 up holds the MP
-    table). Kernels trust this map, so it must be exactly what is there.
+    RAM as laid out by :func:`pykvm.memory.ram_layout`, with the PC's traditional hole below 1 MiB
+    marked reserved as one range: the EBDA's last KiB of conventional memory, the VGA/ROM window
+    and the BIOS area at 0xF0000 (where pykvm puts the MP table). Linux merges its own ISA-hole
+    reservation into the same range, so the map it prints is exactly this one.
     """
     entries: list[tuple[int, int, int]] = []
     for start, length in ram_layout(mem_size):
@@ -48,9 +49,7 @@ def memory_map(mem_size: int) -> list[tuple[int, int, int]]:
         if start == 0:
             entries.append((0, min(end, EBDA_START), E820_RAM))
             if end > EBDA_START:
-                entries.append((EBDA_START, 0xA0000 - EBDA_START, E820_RESERVED))
-            if end > BIOS_AREA[0]:
-                entries.append((BIOS_AREA[0], BIOS_AREA[1] - BIOS_AREA[0], E820_RESERVED))
+                entries.append((EBDA_START, 0x100000 - EBDA_START, E820_RESERVED))
             if end > 0x100000:
                 entries.append((0x100000, end - 0x100000, E820_RAM))
         else:
