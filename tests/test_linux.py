@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, backend, needs_kvm, run_pykvm
 
 LINUX = ROOT / "guests" / "linux" / "build"
