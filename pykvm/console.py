@@ -101,3 +101,12 @@ class Console:
                 self._escape = True
                 continue
             self._pending.append(byte)
+
+
+def stdout_write(data: bytes) -> None:
+    """Guest output to the host's stdout, unbuffered; a closed pipe is not an error of the guest's."""
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except (BrokenPipeError, ValueError):
+        pass

@@ -19,7 +19,6 @@ import errno
 import os
 import signal
 import struct
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 from .boot import BIOS_AREA, BootPlan
 from .boot.firmware import HANDOFF_ADDR, handoff_block
+from .console import stdout_write
 from .debug.stats import TOTAL as STATS_TOTAL
 from .debug.stats import VcpuStats
 from .devices.bus import Bus, IrqLine
@@ -165,7 +165,7 @@ class Machine:
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self.uart = Uart16550(irq=KvmIrqLine(self.vm, COM1_IRQ) if irqchip else None,
-                              out=serial_out or _stdout_write)
+                              out=serial_out or stdout_write)
         self.pio.attach(self.uart, COM1_PORT, 8)
         self.pio.attach(DebugExit(self._on_debug_exit), DEBUG_EXIT_PORT, 1)
         self.pio.attach(Sink("POST"), POST_PORT, 1)
@@ -622,14 +622,6 @@ def _suberror_text(suberror: int) -> str:
         3: " (an event could not be delivered)",
         4: " (unexpected exit reason inside KVM)",
     }.get(suberror, "")
-
-
-def _stdout_write(data: bytes) -> None:
-    try:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    except (BrokenPipeError, ValueError):
-        pass
 
 
 def _ignore_signal(signum, frame) -> None:

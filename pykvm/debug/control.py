@@ -41,6 +41,7 @@ from ..kvm.constants import (
     KVM_GUESTDBG_USE_SW_BP,
 )
 from ..memory import GuestMemoryError
+from ..x86.emulate import inject_exception
 from ..x86.modes import mode_of
 from ..x86.paging import PageFault
 from .disasm import decode, text_of, transfers_control
@@ -137,7 +138,7 @@ class DebugControl:
         if exception == BP_VECTOR:
             if pc in self.sw:
                 return self._stop(vcpu, StopEvent(vcpu.id, SIGTRAP, "swbreak", pc))
-            _inject(vcpu, BP_VECTOR)   # the guest's own int3: KVM delivers it as a soft exception
+            inject_exception(vcpu, BP_VECTOR)   # the guest's own int3: KVM delivers it as a soft exception
             return False
         if exception != DB_VECTOR:
             return False
@@ -159,7 +160,7 @@ class DebugControl:
                 kind = {HW_EXEC: "hwbreak", HW_WRITE: "watch", HW_ACCESS: "awatch"}[bp.kind]
                 return self._stop(vcpu, StopEvent(vcpu.id, SIGTRAP, kind, bp.addr))
         if not stepped:             # not ours: the guest's own debug exception
-            _inject(vcpu, DB_VECTOR)
+            inject_exception(vcpu, DB_VECTOR)
         return False
 
     def on_int3(self, vcpu) -> bool:
@@ -398,16 +399,6 @@ def _dr7_bits(slot: int, bp: HwBreakpoint) -> int:
     """DR7: local enable L<slot>, R/W and LEN for the slot (exec breakpoints: R/W 00, LEN 00)."""
     rw, length = (0, 0) if bp.kind == HW_EXEC else (bp.kind, _LEN_BITS[bp.length])
     return (1 << (2 * slot)) | (rw << (16 + 4 * slot)) | (length << (18 + 4 * slot))
-
-
-def _inject(vcpu, vector: int) -> None:
-    events = vcpu.get_vcpu_events()
-    events.exception.injected = 1
-    events.exception.nr = vector
-    events.exception.has_error_code = 0
-    events.exception.error_code = 0
-    events.flags = 0
-    vcpu.set_vcpu_events(events)
 
 
 def _linear_rip(regs, sregs) -> int:

@@ -49,18 +49,24 @@ def complete(vcpu, insn: bytes) -> Outcome:
         if sregs.idt.limit == 0:
             return Outcome(False, "int3 with an empty IDT: the guest is forcing a reboot", reset=True)
         _advance(vcpu, length)
-        events = vcpu.get_vcpu_events()
-        events.exception.injected = 1
-        events.exception.nr = BP_VECTOR
-        events.exception.has_error_code = 0
-        events.exception.error_code = 0
-        events.flags = 0
-        vcpu.set_vcpu_events(events)
+        inject_exception(vcpu, BP_VECTOR)
         return Outcome(True, "int3: #BP injected")
     if opcode == FWAIT:
         _advance(vcpu, length)
         return Outcome(True, "fwait: completed")
     return Outcome(False, "not an instruction pykvm completes")
+
+
+def inject_exception(vcpu, vector: int) -> None:
+    """Make ``vector`` (an exception without error code, e.g. #BP or #DB) the next thing the vCPU
+    delivers through the guest's IDT (KVM_SET_VCPU_EVENTS, exception injected)."""
+    events = vcpu.get_vcpu_events()
+    events.exception.injected = 1
+    events.exception.nr = vector
+    events.exception.has_error_code = 0
+    events.exception.error_code = 0
+    events.flags = 0
+    vcpu.set_vcpu_events(events)
 
 
 def _advance(vcpu, length: int) -> None:

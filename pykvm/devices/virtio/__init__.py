@@ -50,6 +50,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ...console import stdout_write
 from ...errors import PykvmError, UsageError
 from ...kvm.constants import KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
 from ..bus import IrqLine
@@ -263,7 +264,7 @@ def attach_virtio(machine, drives: Sequence[DriveSpec] = (), rng: bool = False, 
         for device in devices:
             device.close()
         raise
-    console_dev = Console(console_out or _stdout_write) if console else None
+    console_dev = Console(console_out or stdout_write) if console else None
     if console_dev is not None:
         devices.append(console_dev)
     if rng:
@@ -316,11 +317,3 @@ def _use_ioeventfds(vm, transport: VirtioMmio, slot: Slot, result: VirtioSet) ->
     transport.notify = thread.kick
     result._threads.append(thread)
     thread.start()
-
-
-def _stdout_write(data: bytes) -> None:
-    try:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    except (BrokenPipeError, ValueError):
-        pass
