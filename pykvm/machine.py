@@ -405,16 +405,14 @@ class Machine:
                 if reason == IO:
                     rec = by_port.get(port) or pio_record(port)
                     if count == 1:
-                        hit = pio_cache.get(port)
+                        hit = pio_cache.get(port)       # (device.read, device.write, offset)
                         if direction == KVM_EXIT_IO_OUT:
-                            value = unpack[size](data, off)[0]
                             if hit is None:
-                                pio.write(port, size, value)
+                                pio.write(port, size, unpack[size](data, off)[0])
                             else:
-                                hit[0].write(hit[1], size, value)
+                                hit[1](hit[2], size, unpack[size](data, off)[0])
                         else:
-                            value = pio.read(port, size) if hit is None else hit[0].read(hit[1], size)
-                            pack[size](data, off, value)
+                            pack[size](data, off, pio.read(port, size) if hit is None else hit[0](hit[2], size))
                     else:
                         self._string_io(vcpu, port, size, count, off, direction == KVM_EXIT_IO_OUT)
                 elif reason == MMIO:
@@ -424,14 +422,12 @@ class Machine:
                         raise PykvmError(f"MMIO access of {n} bytes at {addr:#x}: KVM should never report that")
                     hit = mmio_cache.get(addr)
                     if is_write:
-                        value = unpack[n](data, _MMIO_DATA)[0]
                         if hit is None:
-                            mmio_bus.write(addr, n, value)
+                            mmio_bus.write(addr, n, unpack[n](data, _MMIO_DATA)[0])
                         else:
-                            hit[0].write(hit[1], n, value)
+                            hit[1](hit[2], n, unpack[n](data, _MMIO_DATA)[0])
                     else:
-                        value = mmio_bus.read(addr, n) if hit is None else hit[0].read(hit[1], n)
-                        pack[n](data, _MMIO_DATA, value)
+                        pack[n](data, _MMIO_DATA, mmio_bus.read(addr, n) if hit is None else hit[0](hit[2], n))
                 else:
                     rec = by_reason[reason]
                     handler = slow.get(reason)
