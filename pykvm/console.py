@@ -37,8 +37,8 @@ class Console:
         self.uart = uart
         self.wait_for_driver = wait_for_driver
         self.on_quit = on_quit
-        self.fd = sys.stdin.fileno() if fd is None else fd
-        self.interactive = os.isatty(self.fd)
+        self.fd = _stdin_fd() if fd is None else fd      # None: no input at all (stdin closed)
+        self.interactive = self.fd is not None and os.isatty(self.fd)
         self._saved_tty = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -46,6 +46,8 @@ class Console:
         self._escape = False
 
     def __enter__(self) -> Console:
+        if self.fd is None:
+            return self
         if self.interactive:
             self._saved_tty = termios.tcgetattr(self.fd)
             tty.setraw(self.fd)
@@ -101,6 +103,17 @@ class Console:
                 self._escape = True
                 continue
             self._pending.append(byte)
+
+
+def _stdin_fd() -> int | None:
+    """stdin's descriptor, or None when the process was started without one (`<&-`)."""
+    try:
+        fd = sys.stdin.fileno() if sys.stdin is not None else None
+        if fd is not None:
+            os.fstat(fd)
+        return fd
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def stdout_write(data: bytes) -> None:

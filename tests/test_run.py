@@ -226,3 +226,11 @@ def test_instruction_kvm_cannot_emulate_is_reported_precisely(tmp_path):
     assert "could not emulate `popcnt rbx, rax` (f3 48 0f b8 d8)" in " ".join(err.split())
     assert re.search(r"=> 0x00008007: f3 48 0f b8 d8 +popcnt rbx, rax", err), err
     assert "64-bit long mode" in err and "rax=000000000000f0f0" in err
+
+
+def test_runs_with_stdin_closed():
+    """No standard input at all (`pykvm run <&-`, a service, some CI): the guest still runs."""
+    r = subprocess.run(["sh", "-c", 'exec "$0" -m pykvm run <&-', sys.executable], cwd=ROOT, capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(b"Hello from 64-bit long mode!")
