@@ -8,6 +8,7 @@ Errors become one paragraph on stderr and an exit status, never a traceback:
 from __future__ import annotations
 
 import argparse
+import stat
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +21,7 @@ from .boot.flat import load_flat
 from .boot.linux import linux_quirks
 from .console import Console
 from .devices.virtio import attach_virtio, fast_path, linux_cmdline, parse_drive
-from .errors import PykvmError, UsageError
+from .errors import BootError, PykvmError, UsageError
 from .machine import host_backend
 from .memory import GuestMemoryError, check_ram_size, parse_size
 from .x86.modes import CpuMode
@@ -179,11 +180,19 @@ def _debug_options(args):
                    gdb_wait=args.gdb_wait)
 
 
-def _read(path: str, what: str) -> bytes:
+def _read(path: str, what: str, limit: int) -> bytes:
+    """A file's bytes, refusing what cannot be a guest image: a directory, a device or pipe (which
+    might never end: /dev/zero), or a file larger than ``limit`` (the guest's RAM)."""
     p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{what} {path} is a directory, not a file")
     try:
+        info = p.stat()
+        if p.is_dir():
+            raise UsageError(f"{what} {path} is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"{what} {path} is not a regular file (a device or a pipe cannot be loaded)")
+        if info.st_size > limit:
+            raise BootError(f"{what} {path} is {info.st_size} bytes, more than the guest's {limit} bytes of RAM; "
+                            "give the guest more memory with --mem")
         return p.read_bytes()
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
@@ -196,12 +205,12 @@ def _plan_for(args):
         modules = []
         for spec in args.module:
             path, _, margs = spec.partition(",")
-            modules.append((path, _read(path, "module"), margs))
+            modules.append((path, _read(path, "module", args.mem), margs))
         load_addr = bundled.LOAD_ADDR if args.load_addr is None else args.load_addr
-        initrd = _read(args.initrd, "initrd") if args.initrd else b""
+        initrd = _read(args.initrd, "initrd", args.mem) if args.initrd else b""
         quirks = "" if args.no_platform_quirks else linux_quirks(host_backend())
         virtio_args = linux_cmdline(*_virtio_devices(args))   # virtio_mmio.device=... for Linux
-        plan = load_kernel(_read(args.kernel, "kernel"), args.mem, name=args.kernel, cmdline=args.append,
+        plan = load_kernel(_read(args.kernel, "kernel", args.mem), args.mem, name=args.kernel, cmdline=args.append,
                            initrd=initrd, modules=modules, mode=CpuMode(args.mode or "long64"),
                            load_addr=load_addr, linux_quirks=" ".join([*virtio_args, quirks]).strip())
         if quirks and quirks in plan.cmdline and not args.quiet:
@@ -212,7 +221,7 @@ def _plan_for(args):
         raise UsageError("--append, --initrd and --module need a --kernel")
     name = args.image or bundled.DEFAULT.name
     if Path(name).exists() or "/" in name or Path(name).suffix:   # a file of the user's
-        image, mode = _read(name, "guest image"), CpuMode(args.mode or "long64")
+        image, mode = _read(name, "guest image", args.mem), CpuMode(args.mode or "long64")
     else:
         guest = bundled.find(name)
         if args.mode and CpuMode(args.mode) is not guest.mode:

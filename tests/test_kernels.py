@@ -104,8 +104,18 @@ def test_int3_guest_through_a_kernel_flag_is_the_same_as_bundled():
     (["-k", "guests/smp.elf", "-c", "0"], "--cpus must be between"),
     (["-k", "guests/nonexistent.elf"], "cannot read kernel"),
     (["--append", "x"], "need a --kernel"),
+    (["-k", "/dev/zero"], "not a regular file"),
+    (["-k", "guests/smp.elf", "-i", "/dev/urandom"], "not a regular file"),
 ])
 def test_bad_kernel_options(args, message):
     r = run_pykvm("run", *args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr.decode() and b"Traceback" not in r.stderr
+
+
+def test_file_larger_than_guest_ram_is_refused_before_reading(tmp_path):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(3 << 20)          # sparse: 3 MiB that costs nothing
+    r = run_pykvm("run", "-k", "guests/smp.elf", "-m", "2M", "--module", str(big))
+    assert r.returncode == 2 and b"more than the guest's" in r.stderr and b"Traceback" not in r.stderr
