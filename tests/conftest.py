@@ -49,3 +49,17 @@ def assemble(source: str, bits: int, tmp_path: Path) -> bytes:
     subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x8000", "--build-id=none", "-o", elf, obj], check=True)
     subprocess.run(["objcopy", "-O", "binary", elf, out], check=True)
     return out.read_bytes()
+
+
+def assert_plan_in_ram(plan, mem_size: int) -> None:
+    """Every write of a BootPlan inside guest RAM, and no two writes overlapping (kernel, modules,
+    boot structures): what a loader must guarantee whatever the image says."""
+    from pykvm.boot import check_fits
+    spans = []
+    for gpa, data in plan.writes:
+        check_fits("write", gpa, len(data), mem_size)
+        if data:
+            spans.append((gpa, gpa + len(data)))
+    spans.sort()
+    for (_, end_a), (start_b, _) in zip(spans, spans[1:], strict=False):
+        assert start_b >= end_a, "two writes of one plan overlap"

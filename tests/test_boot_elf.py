@@ -5,10 +5,10 @@ from __future__ import annotations
 import struct
 
 import pytest
+from conftest import assert_plan_in_ram
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm.boot import check_fits
 from pykvm.boot.elf import PT_LOAD, PT_NOTE, ElfImage, LoadSegment, find_note, load_elf, parse_elf
 from pykvm.errors import BootError
 from pykvm.memory import GiB, GuestMemory, MiB
@@ -263,16 +263,6 @@ def test_find_note_rejects_a_note_segment_outside_the_file():
 
 # --- fuzzing: a mutated image is a clean BootError or a plan that stays in RAM -------------------
 
-def _assert_plan_in_ram(plan, mem_size: int) -> None:
-    spans = []
-    for gpa, data in plan.writes:
-        check_fits("write", gpa, len(data), mem_size)
-        if data:
-            spans.append((gpa, gpa + len(data)))
-    spans.sort()
-    for (_, end_a), (start_b, _) in zip(spans, spans[1:], strict=False):
-        assert start_b >= end_a, "two writes of one plan overlap"
-
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x100000, 0xFFFFF000]
 
@@ -314,7 +304,7 @@ def test_mutated_elf32_is_boot_error_or_safe_plan(image):
     except BootError as e:
         assert "fuzz.elf" in str(e)
         return
-    _assert_plan_in_ram(plan, MEM)
+    assert_plan_in_ram(plan, MEM)
 
 
 @settings(max_examples=300, deadline=None)
@@ -327,4 +317,4 @@ def test_mutated_elf64_is_boot_error_or_safe_plan(image):
     except BootError as e:
         assert "fuzz.elf" in str(e)
         return
-    _assert_plan_in_ram(plan, MEM)
+    assert_plan_in_ram(plan, MEM)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from conftest import assert_plan_in_ram
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_boot_elf import build_elf, note, seg
@@ -120,9 +121,7 @@ def test_mutated_setup_headers_load_cleanly_or_fail_cleanly(data):
         plan = load_linux(bytes(image[:cut]), MEM, cmdline="a b", initrd=b"x" * 5000, name="bz")
     except BootError:
         return
-    ram = [(s, s + n) for s, n, kind in memory_map(MEM) if kind == 1]
-    for gpa, blob in plan.writes:
-        assert any(s <= gpa and gpa + len(blob) <= e for s, e in ram)
+    assert_plan_in_ram(plan, MEM)
 
 
 def pvh_kernel(entry=0x1000000, extra_notes=b"", with_pvh=True) -> bytes:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import struct
 
 import pytest
+from conftest import assert_plan_in_ram
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm.boot import check_fits, memory_map
+from pykvm.boot import memory_map
 from pykvm.boot.multiboot import BOOTLOADER_MAGIC, HEADER_MAGIC, MultibootHeader, find_header, load_multiboot
 from pykvm.errors import BootError
 from pykvm.memory import GuestMemory, MiB
@@ -116,18 +117,6 @@ def writes_by_addr(plan) -> dict[int, bytes]:
     return {gpa: bytes(data) for gpa, data in plan.writes}
 
 
-def assert_plan_in_ram(plan, mem_size: int = MEM) -> None:
-    """Every write inside guest RAM, and no two writes overlapping (kernel, modules, info, GDT)."""
-    spans = []
-    for gpa, data in plan.writes:
-        check_fits("write", gpa, len(data), mem_size)
-        if data:
-            spans.append((gpa, gpa + len(data)))
-    spans.sort()
-    for (_, end_a), (start_b, _) in zip(spans, spans[1:], strict=False):
-        assert start_b >= end_a, "two writes of one plan overlap"
-
-
 # --- finding the header ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("offset", [0, 4, 0x100, 0x1000, 8192 - 12])
@@ -194,7 +183,7 @@ def test_aout_kernel_loads_where_the_header_says():
     assert not cpu.regs["rflags"] & RFLAGS.IF
     assert plan.irqchip and plan.kernel == image and plan.cmdline == "k.bin"
     assert "k.bin" in plan.description and "Multiboot" in plan.description
-    assert_plan_in_ram(plan)
+    assert_plan_in_ram(plan, MEM)
 
 
 def test_aout_skips_the_bytes_before_load_addr():
@@ -228,7 +217,7 @@ def test_kernel_linked_below_1mib_loads():
     assert info["addr"] == 0x9000                        # free low memory below the kernel
     (start, end, data, _), = info["modules"]
     assert start == 0x13000 and data == b"module"        # right after the kernel's bss, 4-aligned
-    assert_plan_in_ram(plan)
+    assert_plan_in_ram(plan, MEM)
 
 
 def test_info_moves_when_the_kernel_covers_0x9000():
@@ -236,7 +225,7 @@ def test_info_moves_when_the_kernel_covers_0x9000():
     plan = load_multiboot(image, MEM)
     info = read_info(plan)
     assert info["addr"] == 0xC000
-    assert_plan_in_ram(plan)
+    assert_plan_in_ram(plan, MEM)
 
 
 def test_info_goes_after_kernel_and_modules_when_low_memory_is_full():
@@ -245,7 +234,7 @@ def test_info_goes_after_kernel_and_modules_when_low_memory_is_full():
     info = read_info(plan)
     assert info["modules"][0][0] == 0x100000             # the module skips the EBDA/VGA/BIOS hole
     assert info["addr"] == 0x102000                      # page-aligned after the module
-    assert_plan_in_ram(plan)
+    assert_plan_in_ram(plan, MEM)
 
 
 AOUT_ERRORS = {
@@ -322,7 +311,7 @@ def test_elf32_multiboot_kernel():
     assert plan.cpu.mode is CpuMode.PROT32 and plan.cpu.regs["rip"] == 0x100010
     assert plan.cpu.regs["rax"] == BOOTLOADER_MAGIC
     assert "ELF32" in plan.description
-    assert_plan_in_ram(plan)
+    assert_plan_in_ram(plan, MEM)
 
 
 def test_elf64_multiboot_kernel_is_entered_in_32_bit_mode():
@@ -378,7 +367,7 @@ def test_information_structure():
     assert kernel_end <= s1 and e1 == s1 + len(initrd) <= s2 and e2 == s2 + len(extra)
     assert (d1, str1, d2, str2) == (initrd, "initrd.img root=/dev/ram", extra, "extra")
     assert info["addr"] == 0x9000
-    assert_plan_in_ram(plan)
+    assert_plan_in_ram(plan, MEM)
 
 
 def test_modules_are_4_aligned_without_flag_bit_0():
@@ -410,7 +399,7 @@ def test_huge_command_line_moves_info_above_the_kernel():
     plan = load_multiboot(build_aout(), MEM, cmdline="x" * 0x70000)
     info = read_info(plan)
     assert info["addr"] == 0x102000 and len(info["cmdline"]) == 0x70000 + len("kernel ")
-    assert_plan_in_ram(plan)
+    assert_plan_in_ram(plan, MEM)
 
 
 def test_no_room_for_info_is_a_boot_error():
@@ -460,7 +449,7 @@ def _load_or_boot_error(image: bytes, **kw):
     except BootError as e:
         assert "fuzz.bin" in str(e) or "module" in str(e)
         return None
-    assert_plan_in_ram(plan)
+    assert_plan_in_ram(plan, MEM)
     assert plan.cpu.regs["rax"] == BOOTLOADER_MAGIC
     return plan
 
