@@ -19,10 +19,10 @@ from .boot.detect import load_kernel
 from .boot.firmware import bundled_firmware, read_firmware
 from .boot.flat import load_flat
 from .boot.linux import linux_quirks
-from .console import Console
+from .console import HostConsole
 from .devices.virtio import attach_virtio, fast_path, linux_cmdline, parse_drive
 from .errors import BootError, PykvmError, UsageError
-from .machine import host_backend
+from .kvm.host import host_backend
 from .memory import GuestMemoryError, check_ram_size, parse_size
 from .x86.modes import CpuMode
 
@@ -157,8 +157,8 @@ def cmd_run(args) -> int:
         virtio = attach_virtio(machine, *_virtio_devices(args))
         machine.load(plan)
         seeing = inside.attach(machine, debug_options)
-        with Console(virtio.console or machine.uart, on_quit=lambda: machine.end(0, "quit from the console (Ctrl-A x)"),
-                     wait_for_driver=plan.console_waits_for_driver):
+        on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
+        with HostConsole(virtio.console or machine.uart, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver):
             result = machine.run(timeout=args.timeout)
         seeing.finish()
     if result.report or not args.quiet:

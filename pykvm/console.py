@@ -29,7 +29,7 @@ HELP = (b"\r\nC-a h    print this help\r\n"
 POLL = 0.05     # seconds between checks of the stop flag and of FIFO room
 
 
-class Console:
+class HostConsole:
     """Feeds ``fd`` (stdin by default) into ``uart``; ``on_quit`` is called for Ctrl-A x."""
 
     def __init__(self, uart, on_quit: Callable[[], None], fd: int | None = None,
@@ -45,7 +45,7 @@ class Console:
         self._pending = bytearray()
         self._escape = False
 
-    def __enter__(self) -> Console:
+    def __enter__(self) -> HostConsole:
         if self.fd is None:
             return self
         if self.interactive:

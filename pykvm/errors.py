@@ -3,6 +3,14 @@ one paragraph and an exit status (see :mod:`pykvm.cli`)."""
 
 from __future__ import annotations
 
+# Exit statuses of a run (README "Exit status"). A guest's debug-exit value v gives (v << 1) | 1,
+# so every status pykvm itself chooses is even or one of these.
+STATUS_OK = 0          # the guest halted with interrupts off, powered off or reset
+STATUS_USAGE = 2       # bad usage or a bad image
+STATUS_CRASH = 4       # the guest crashed (triple fault, internal error) or the VMM failed
+STATUS_TIMEOUT = 124   # --timeout passed (as timeout(1))
+STATUS_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
+
 
 class PykvmError(Exception):
     """Base class. ``exit_status`` is what ``pykvm`` exits with when this ends a run."""

@@ -16,7 +16,6 @@ a dict lookup of the port, the device's method.
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import struct
 import threading
@@ -30,7 +29,7 @@ from .boot.firmware import HANDOFF_ADDR, handoff_block
 from .console import stdout_write
 from .debug.stats import TOTAL as STATS_TOTAL
 from .debug.stats import VcpuStats
-from .devices.bus import Bus, IrqLine
+from .devices.bus import Bus
 from .devices.cmos import Cmos
 from .devices.debug_exit import PORT as DEBUG_EXIT_PORT
 from .devices.debug_exit import DebugExit
@@ -43,7 +42,15 @@ from .devices.pci import PciConfigIo
 from .devices.poweroff import PowerOff
 from .devices.sink import POST_PORT, Sink
 from .devices.uart import Uart16550
-from .errors import KvmUnsupported, PykvmError, UsageError
+from .errors import (
+    STATUS_CRASH,
+    STATUS_INTERRUPTED,
+    STATUS_OK,
+    STATUS_TIMEOUT,
+    KvmUnsupported,
+    PykvmError,
+    UsageError,
+)
 from .kvm import ExitReason, Ioctl, Kvm, KvmError
 from .kvm.abi import ffi, libc
 from .kvm.constants import (
@@ -57,6 +64,8 @@ from .kvm.constants import (
     KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 )
+from .kvm.host import host_backend
+from .kvm.irq import KvmIrqLine
 from .memory import MMIO_HOLE_START, GuestMemory
 from .x86 import emulate
 from .x86.cpuid import vcpu_cpuid
@@ -87,11 +96,6 @@ MAX_CPUS = 64
 IDLE_POLL = 0.2     # seconds between idle probes when HLT is handled inside KVM
 FIRMWARE_END = 1 << 32
 
-# Exit statuses of a run (see README "Exit status").
-STATUS_OK = 0
-STATUS_CRASH = 4
-STATUS_TIMEOUT = 124
-STATUS_INTERRUPTED = 130
 
 _KICK_SIGNAL = signal.SIGUSR1
 _PARKED = (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED)
@@ -113,17 +117,6 @@ class RunResult:
     status: int
     reason: str
     report: str = ""
-
-
-class KvmIrqLine(IrqLine):
-    """An interrupt line backed by KVM_IRQ_LINE on the in-kernel irqchip."""
-
-    def __init__(self, vm, gsi: int) -> None:
-        self._vm = vm
-        self.gsi = gsi
-
-    def set(self, level: bool) -> None:
-        self._vm.irq_line(self.gsi, 1 if level else 0)
 
 
 class Machine:
@@ -579,14 +572,6 @@ def _check_mode_taken(vcpu, cpu) -> None:
             f"the vCPU state but cleared {', '.join(dropped)}. "
             + ("kvm_pvm supports paging only in 64-bit long mode. " if backend == "kvm_pvm" else "")
             + "Use a mode this host supports (real, prot32, long64) or a host with hardware KVM.")
-
-
-def host_backend() -> str:
-    """The KVM module in use: kvm_intel, kvm_amd, kvm_pvm, or 'unknown'."""
-    for module in ("kvm_intel", "kvm_amd", "kvm_pvm"):
-        if os.path.exists(f"/sys/module/{module}"):
-            return module
-    return "unknown"
 
 
 def _name_instruction(vcpu, insn: bytes) -> str:

@@ -27,7 +27,7 @@ needs_kvm = pytest.mark.skipif(KVM_PROBLEM is not None, reason=KVM_PROBLEM or ""
 
 
 def backend() -> str:
-    from pykvm.machine import host_backend
+    from pykvm.kvm.host import host_backend
     return host_backend()
 
 

@@ -6,7 +6,7 @@ import os
 import termios
 import time
 
-from pykvm.console import Console
+from pykvm.console import HostConsole
 
 
 class SlowUart:
@@ -36,7 +36,7 @@ def test_piped_input_arrives_whole_through_a_small_fifo():
     r, w = os.pipe()
     uart = SlowUart(room=3)
     data = bytes(range(256)) * 8           # Ctrl-A included: a pipe has no escapes
-    with Console(uart, on_quit=lambda: None, fd=r):
+    with HostConsole(uart, on_quit=lambda: None, fd=r):
         os.write(w, data)
         os.close(w)
         assert wait_for(lambda: len(uart.got) == len(data))
@@ -47,7 +47,7 @@ def test_piped_input_arrives_whole_through_a_small_fifo():
 def test_input_is_held_until_the_driver_listens():
     r, w = os.pipe()
     uart = SlowUart(room=16, listening=False)
-    with Console(uart, on_quit=lambda: None, fd=r, wait_for_driver=True):
+    with HostConsole(uart, on_quit=lambda: None, fd=r, wait_for_driver=True):
         os.write(w, b"echo hi\n")
         time.sleep(0.3)
         assert uart.got == b""               # Linux would empty its FIFO when it opens the port
@@ -62,7 +62,7 @@ def test_terminal_escapes_quit_help_and_literal_ctrl_a(capfd):
     before = termios.tcgetattr(slave)
     uart = SlowUart(room=64)
     quits = []
-    with Console(uart, on_quit=lambda: quits.append(1), fd=slave) as console:
+    with HostConsole(uart, on_quit=lambda: quits.append(1), fd=slave) as console:
         assert console.interactive
         assert termios.tcgetattr(slave) != before    # raw mode while the guest runs
         os.write(master, b"ab\x01\x01c\x01h")

@@ -25,7 +25,7 @@ from pykvm.devices.virtio.blk import (
     VIRTIO_BLK_T_OUT,
     Block,
 )
-from pykvm.devices.virtio.console import Console
+from pykvm.devices.virtio.console import VirtioConsole
 from pykvm.devices.virtio.mmio import VIRTIO_F_VERSION_1, VirtioMmio
 from pykvm.devices.virtio.rng import Entropy
 from pykvm.memory import GuestMemory
@@ -195,7 +195,7 @@ def test_blk_random_requests_never_escape(tmp_path, seed):
 
 def test_console_transmits_to_the_sink(mem):
     out = []
-    transport = VirtioMmio(Console(out.append), mem, LevelLine())
+    transport = VirtioMmio(VirtioConsole(out.append), mem, LevelLine())
     _, tx = start(transport, mem, size=8)
     tx.chain([b"Hello ", b"hvc0\n"])
     w(transport, mmio.QUEUE_NOTIFY, 1)
@@ -203,7 +203,7 @@ def test_console_transmits_to_the_sink(mem):
 
 
 def test_console_input_waits_for_buffers_and_is_never_lost(mem):
-    console = Console(lambda data: None)
+    console = VirtioConsole(lambda data: None)
     transport = VirtioMmio(console, mem, LevelLine())
     assert console.feed(b"early") == 0 and not console.listening
     rx, tx = start(transport, mem, size=8)

@@ -40,7 +40,7 @@ BLOCK = re.compile(r"<!-- run: (?P<cmd>.+?) -->\n```text\n(?P<body>.*?)```\n<!--
 
 def host() -> str:
     """The KVM backend and the CPU model: what the quoted output depends on."""
-    from pykvm.machine import host_backend
+    from pykvm.kvm.host import host_backend
     cpu = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -115,7 +115,7 @@ class DebugControl:
         self._last: dict[int, tuple] = {}    # vCPU -> (registers, instruction) before its step
         # Data breakpoints (watchpoints in DR0-3): kvm_pvm never reports them (measured: the
         # emulator that runs CPL0 code does not check them), so there they are refused.
-        from ..machine import host_backend
+        from ..kvm.host import host_backend
         self.data_breakpoints = host_backend() != "kvm_pvm"
 
     # --- called by the vCPU threads -----------------------------------------------------------
@@ -251,7 +251,7 @@ class DebugControl:
 
     def kill(self) -> None:
         self.clear_breakpoints()
-        from ..machine import STATUS_INTERRUPTED
+        from ..errors import STATUS_INTERRUPTED
         self.machine.end(STATUS_INTERRUPTED, "killed from gdb")
 
     # --- breakpoints and memory (debugger's thread, vCPUs stopped) ----------------------------

@@ -21,27 +21,15 @@ import threading
 from collections import Counter
 from typing import Protocol
 
+from ..kvm.irq import IrqLine
+
+__all__ = ["Bus", "BusError", "Device", "IrqLine", "all_ones"]
+
 
 class Device(Protocol):
     def read(self, offset: int, size: int) -> int: ...
 
     def write(self, offset: int, size: int, value: int) -> None: ...
-
-
-class IrqLine:
-    """One interrupt input of the interrupt controller, as a device sees it.
-
-    ``set(level)`` drives the line; ``pulse()`` raises then lowers it (an edge, as the ISA
-    devices use). The default implementation does nothing, for devices with no interrupt
-    wired; the machine hands devices a KVM-backed subclass.
-    """
-
-    def set(self, level: bool) -> None:  # pragma: no cover - overridden
-        pass
-
-    def pulse(self) -> None:
-        self.set(True)
-        self.set(False)
 
 
 class BusError(ValueError):

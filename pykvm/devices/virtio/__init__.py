@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 from ...console import stdout_write
 from ...errors import PykvmError, UsageError
 from ...kvm.constants import KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
-from ..bus import IrqLine
+from ...kvm.irq import IrqfdLine, IrqLine, KvmIrqLine
 from .blk import Block
-from .console import Console
+from .console import VirtioConsole
 from .mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioDevice, VirtioMmio
 from .rng import Entropy
 
@@ -65,7 +65,7 @@ FW_CFG_FILE = "etc/pykvm/virtio-mmio"
 FW_CFG_RECORD = struct.Struct("<QIHH")     # base, size, irq, device type
 FASTPATH_ENV = "PYKVM_VIRTIO_FASTPATH"
 
-__all__ = ["Block", "Console", "DriveSpec", "Entropy", "FastPath", "Slot", "VirtioMmio", "VirtioSet",
+__all__ = ["Block", "VirtioConsole", "DriveSpec", "Entropy", "FastPath", "Slot", "VirtioMmio", "VirtioSet",
            "attach_virtio", "fast_path", "fw_cfg_table", "layout", "linux_cmdline", "parse_drive"]
 
 
@@ -110,7 +110,7 @@ def layout(device_ids: Sequence[int]) -> list[Slot]:
 
 
 def _device_ids(drives: Sequence[DriveSpec], rng: bool, console: bool) -> list[int]:
-    return [Block.device_id] * len(drives) + [Console.device_id] * console + [Entropy.device_id] * rng
+    return [Block.device_id] * len(drives) + [VirtioConsole.device_id] * console + [Entropy.device_id] * rng
 
 
 def linux_cmdline(drives: Sequence[DriveSpec] = (), rng: bool = False, console: bool = False) -> list[str]:
@@ -143,28 +143,6 @@ def fast_path(kvm, irqchip: bool = True) -> FastPath:
         return FastPath(False, False)
     return FastPath(ioeventfd=kvm.check_extension(Cap.IOEVENTFD) > 0,
                     irqfd=irqchip and kvm.check_extension(Cap.IRQFD) > 0)
-
-
-class IrqfdLine(IrqLine):
-    """An interrupt line through KVM_IRQFD: raising it writes the eventfd; KVM injects an edge."""
-
-    def __init__(self, vm, gsi: int) -> None:
-        self.gsi = gsi
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            vm.irqfd(self.fd, gsi)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def set(self, level: bool) -> None:
-        if level:
-            os.eventfd_write(self.fd, 1)
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
 
 
 class NotifyThread:
@@ -218,7 +196,7 @@ class VirtioSet:
     transports: list[VirtioMmio]
     fast: FastPath
     cmdline: list[str]
-    console: Console | None = None
+    console: VirtioConsole | None = None
     devices: list[VirtioDevice] = field(default_factory=list)
     _threads: list[NotifyThread] = field(default_factory=list)
     _irq_lines: list[IrqfdLine] = field(default_factory=list)
@@ -264,7 +242,7 @@ def attach_virtio(machine, drives: Sequence[DriveSpec] = (), rng: bool = False, 
         for device in devices:
             device.close()
         raise
-    console_dev = Console(console_out or stdout_write) if console else None
+    console_dev = VirtioConsole(console_out or stdout_write) if console else None
     if console_dev is not None:
         devices.append(console_dev)
     if rng:
@@ -295,7 +273,6 @@ def _irq_line(machine, irq: int, fast: FastPath, result: VirtioSet) -> IrqLine:
         else:
             result._irq_lines.append(line)
             return line
-    from ...machine import KvmIrqLine
     return KvmIrqLine(machine.vm, irq)
 
 

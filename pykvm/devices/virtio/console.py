@@ -6,9 +6,9 @@ feature is offered, so there is no MULTIPORT control queue, no SIZE and no EMERG
 configuration space (``cols``, ``rows``, ``max_nr_ports``, ``emerg_wr``) reads as zeros.
 
 Output goes to ``out`` (a callable taking bytes: the terminal, a file, a test's list). Input is
-pushed by the host with :meth:`Console.feed`, which has the same contract as the UART's: it takes
+pushed by the host with :meth:`VirtioConsole.feed`, which has the same contract as the UART's: it takes
 only as many bytes as the guest has buffers for and returns that count, so the caller keeps the
-rest and nothing is lost. :class:`pykvm.console.Console` drives either device.
+rest and nothing is lost. :class:`pykvm.console.HostConsole` drives either device.
 
 :attr:`listening` (a console that waits for the guest's driver asks it before feeding) is True
 once the driver runs, the receive queue is ready, and the guest wrote to the console at least
@@ -35,7 +35,7 @@ CONFIG_SIZE = 12         # le16 cols, le16 rows, le32 max_nr_ports, le32 emerg_w
 LISTEN_DELAY = 0.2       # seconds after the guest's first output before a waiting console feeds it
 
 
-class Console(VirtioDevice):
+class VirtioConsole(VirtioDevice):
     device_id = ID_CONSOLE
     name = "virtio-console"
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
