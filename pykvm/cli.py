@@ -158,7 +158,8 @@ def cmd_run(args) -> int:
         machine.load(plan)
         seeing = inside.attach(machine, debug_options)
         on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
-        with HostConsole(virtio.console or machine.uart, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver):
+        console = virtio.console or machine.uart
+        with HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver):
             result = machine.run(timeout=args.timeout)
         seeing.finish()
     if result.report or not args.quiet:
