@@ -278,8 +278,9 @@ class Machine:
             self._join_all()
 
     # --- pause and resume --------------------------------------------------------------------
-    def pause(self) -> None:
-        """Make every vCPU leave KVM_RUN and stay out; returns once all are out (or the run ended).
+    def pause(self, timeout: float | None = None) -> bool:
+        """Make every vCPU leave KVM_RUN and stay out; returns once all are out or the run ended
+        (True), or after ``timeout`` seconds if given (False: some vCPU has not left yet).
 
         Callable from any thread but a vCPU's. A paused vCPU waits on a condition variable (no
         CPU). The guest's state stays in KVM, so :meth:`resume` continues exactly where it was."""
@@ -287,7 +288,7 @@ class Machine:
             self._pause_requested = True
         self.kick_all()
         with self._hold:
-            self._hold.wait_for(lambda: self._done.is_set() or self._held >= self._running)
+            return self._hold.wait_for(lambda: self._done.is_set() or self._held >= self._running, timeout)
 
     def resume(self) -> None:
         """Let paused vCPUs run again (a no-op when not paused); any thread."""
