@@ -64,7 +64,7 @@ from .kvm.constants import (
     KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 )
-from .kvm.exits import MMIO_DATA
+from .kvm.exits import MMIO_DATA, NREASONS
 from .kvm.host import host_backend
 from .kvm.irq import KvmIrqLine
 from .memory import MMIO_HOLE_START, GuestMemory
@@ -173,7 +173,7 @@ class Machine:
         supported = self.kvm.get_supported_cpuid()
         for vcpu in self.vcpus:
             vcpu.set_cpuid2(vcpu_cpuid(supported, apic_id=vcpu.id, ncpus=cpus))
-        self.exit_counts: list[Counter[int]] = [Counter() for _ in self.vcpus]   # per vCPU: reason -> exits
+        self.exit_counts = [[0] * NREASONS for _ in self.vcpus]   # per vCPU, per exit reason
         self.emulated: Counter[str] = Counter()   # instructions completed by pykvm.x86.emulate
         # Seeing inside (pykvm/debug): statistics are always collected, per vCPU; the tracer and the
         # debug control (single-step, gdb) are set by the caller before run(), or stay None.
@@ -387,7 +387,7 @@ class Machine:
         dead = 0
         for i in range(len(self.vcpus)):
             idle = self._idle[i]
-            if idle is not None and idle[2] == self.exit_counts[i].total():
+            if idle is not None and idle[2] == sum(self.exit_counts[i]):
                 state, if_flag, _ = idle
                 if (state == KVM_MP_STATE_HALTED and not if_flag) or state in _PARKED:
                     dead += 1
@@ -420,7 +420,7 @@ class Machine:
         KVM_RUN's return to the next KVM_RUN (pykvm.debug.stats). Kicks, pause, idle probes and
         the debugger's checkpoint are all in the handler of an interrupted run (INTR)."""
         handlers = ExitHandlers(self, vcpu)
-        table, unknown, run = handlers.table, handlers.on_unknown, vcpu.run
+        table, run = handlers.by_reason(), vcpu.run      # table[reason]: a handler for every reason
         counts, record, now = self.exit_counts[vcpu.id], self.stats[vcpu.id].record, time.perf_counter_ns
         trace = None if self.tracer is None else self.tracer.for_vcpu(vcpu)
         if handlers.checkpoint():
@@ -428,8 +428,9 @@ class Machine:
         while True:
             exit = run()
             t0 = now()
-            counts[exit[0]] += 1
-            rec = table.get(exit[0], unknown)(exit)
+            reason = exit[0]
+            counts[reason] += 1
+            rec = table[reason](exit)
             if rec is None:
                 return
             if trace is not None:
@@ -495,34 +496,40 @@ class ExitHandlers:
             ExitReason.DEBUG: self.on_debug,
         }
 
+    def by_reason(self) -> list[Callable[[tuple], list[int] | None]]:
+        """The table as a list indexed by exit reason (0..NREASONS-1), on_unknown where none."""
+        return [self.table.get(reason, self.on_unknown) for reason in range(NREASONS)]
+
     # --- the frequent exits: closures over what they need, one Bus lookup (its cache) each ---
     def _io_handler(self) -> Callable[[tuple], list[int]]:
         buf, read, write = self.vcpu.run_buffer, self.machine.pio.read, self.machine.pio.write
         records, new_record, string_io = self.stats.pio, self.stats.pio_record, self.string_io
+        get, put, OUT = _GET, _PUT, KVM_EXIT_IO_OUT
 
         def on_io(exit: tuple) -> list[int]:
             """KVM_EXIT_IO: the data is at data_offset in the kvm_run mapping."""
             _, direction, size, port, count, offset = exit
             if count != 1:
-                string_io(direction == KVM_EXIT_IO_OUT, size, port, count, offset)
-            elif direction == KVM_EXIT_IO_OUT:
-                write(port, size, _GET[size](buf, offset)[0])
+                string_io(direction == OUT, size, port, count, offset)
+            elif direction == OUT:
+                write(port, size, get[size](buf, offset)[0])
             else:
-                _PUT[size](buf, offset, read(port, size))
+                put[size](buf, offset, read(port, size))
             return records.get(port) or new_record(port)
         return on_io
 
     def _mmio_handler(self) -> Callable[[tuple], list[int]]:
         buf, read, write = self.vcpu.run_buffer, self.machine.mmio.read, self.machine.mmio.write
         records, new_record = self.stats.mmio, self.stats.mmio_record
+        get, put, DATA = _GET, _PUT, MMIO_DATA
 
         def on_mmio(exit: tuple) -> list[int]:
             """KVM_EXIT_MMIO: 1 to 8 bytes, the data in kvm_run's mmio.data."""
             _, addr, size, is_write = exit
             if is_write:
-                write(addr, size, _GET[size](buf, MMIO_DATA)[0])
+                write(addr, size, get[size](buf, DATA)[0])
             else:
-                _PUT[size](buf, MMIO_DATA, read(addr, size))
+                put[size](buf, DATA, read(addr, size))
             return records.get(addr) or new_record(addr)
         return on_mmio
 
@@ -556,7 +563,7 @@ class ExitHandlers:
         if machine._probe[vcpu.id]:
             machine._probe[vcpu.id] = False
             machine._idle[vcpu.id] = (vcpu.get_mp_state(), vcpu.run_struct.if_flag,
-                                      machine.exit_counts[vcpu.id].total())
+                                      sum(machine.exit_counts[vcpu.id]))
         if machine._pause_requested or (machine.debug is not None and machine.debug.holding()):
             handled = time.perf_counter_ns()
             if self.checkpoint():

@@ -25,12 +25,12 @@ import math
 from dataclasses import dataclass, field
 
 from ..kvm.constants import ExitReason
+from ..kvm.exits import NREASONS
 
 BUCKETS = 128                # half-octaves: covers every duration below 2**64 ns
 TOTAL = BUCKETS              # index of the total-ns slot in a record
 RECORD = BUCKETS + 1
 MAX_KEYS = 4096              # distinct ports or MMIO addresses kept per vCPU
-NREASONS = 64                # as Machine.exit_counts
 OTHER = -1                   # the key of the shared record once MAX_KEYS is reached
 
 

@@ -31,8 +31,8 @@ from typing import NamedTuple
 from .abi import ffi
 from .constants import ExitReason
 
-__all__ = ["INTR_EXIT", "MMIO_DATA", "REASON_AT", "LAYOUTS", "DebugExit", "FailEntryExit", "InternalErrorExit",
-           "IoExit", "MmioExit", "SystemEventExit", "decode", "field_offsets", "named"]
+__all__ = ["DECODERS", "INTR_EXIT", "MMIO_DATA", "NREASONS", "REASON_AT", "LAYOUTS", "DebugExit", "FailEntryExit",
+           "InternalErrorExit", "IoExit", "MmioExit", "SystemEventExit", "decode", "field_offsets", "named"]
 
 _PRIMITIVE = {"uint8_t": "B", "uint16_t": "H", "uint32_t": "I", "uint64_t": "Q"}
 
@@ -85,20 +85,27 @@ REASON_AT = _member("exit_reason")[0]
 MMIO_DATA = _member("mmio.data")[0]   # up to 8 bytes, little-endian
 INTR_EXIT = (int(ExitReason.INTR),)    # KVM_RUN interrupted (EINTR) or a parked AP woken (EAGAIN)
 
+NREASONS = 64     # exit reasons are small numbers (KVM_EXIT_* go up to ~40): one table slot each
+
+
+def _bare(reason: int):
+    exit = (reason,)
+    return lambda buf, at: exit        # reasons without fields: one shared tuple, no allocation
+
+
+# reason -> unpack(buf, at): the decoder of each exit reason, indexed by the reason itself
+DECODERS = [LAYOUTS[r].unpack_from if r in LAYOUTS else _bare(r) for r in range(NREASONS)]
 _REASON = struct.Struct("<I").unpack_from
-_BARE = {int(r): (int(r),) for r in ExitReason}   # reasons without fields: one shared tuple each
-_DECODERS = {int(reason): layout.unpack_from for reason, layout in LAYOUTS.items()}
 
 
 def decode(buf, at: int = REASON_AT) -> tuple:
     """The exit in the kvm_run bytes ``buf`` (the mapping): ``(reason, *fields)`` as tabled above.
 
-    A reason this module does not know comes back as a 1-tuple too; the caller decides."""
+    Raises ValueError for a reason >= NREASONS (no KVM reports one)."""
     reason = _REASON(buf, at)[0]
-    unpack = _DECODERS.get(reason)
-    if unpack is not None:
-        return unpack(buf, at)
-    return _BARE.get(reason) or (reason,)
+    if reason >= NREASONS:
+        raise ValueError(f"KVM reported exit reason {reason}, beyond any pykvm knows")
+    return DECODERS[reason](buf, at)
 
 
 def field_offsets() -> dict[str, int]:

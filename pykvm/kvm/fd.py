@@ -14,7 +14,7 @@ import os
 from ..errors import KvmUnavailable, PykvmError
 from .abi import ffi, libc
 from .constants import Cap, Ioctl
-from .exits import INTR_EXIT, decode
+from .exits import DECODERS, INTR_EXIT, NREASONS, REASON_AT
 
 _ioctl = libc.ioctl
 _NULL = ffi.NULL
@@ -231,7 +231,10 @@ class Vcpu(_Fd):
             if err == errno.EINTR or err == errno.EAGAIN:
                 return INTR_EXIT
             raise KvmError(Ioctl.KVM_RUN, err, f"vcpu {self.id}")
-        return decode(self.run_buffer)
+        reason = self.run_struct.exit_reason       # as pykvm.kvm.exits.decode, without a call
+        if reason < NREASONS:
+            return DECODERS[reason](self.run_buffer, REASON_AT)
+        raise PykvmError(f"KVM reported exit reason {reason}, beyond any pykvm knows")
 
     def get_regs(self):
         """KVM_GET_REGS: general-purpose registers, RIP and RFLAGS."""
