@@ -360,3 +360,11 @@ def test_probe_covers_nested_members() -> None:
     ):
         assert expected in labels
     assert "sizeof(struct kvm_msrs.entries)" not in labels  # flexible array: offset only
+
+
+def test_the_generated_ffi_module_is_current(tmp_path: Path) -> None:
+    """pykvm/kvm/_abi_ffi.py (loaded at start instead of parsing CDEF) matches CDEF."""
+    from pykvm.kvm import genffi
+    fresh = genffi.generate(tmp_path / "_abi_ffi.py").read_text()
+    assert fresh == genffi.TARGET.read_text(), "CDEF changed: run `python -m pykvm.kvm.genffi`"
+    assert type(abi.ffi).__module__ != "cffi.api"      # the pre-parsed one is what pykvm uses

@@ -87,14 +87,16 @@ class Inside:
 
 
 def attach(machine, opts: Options) -> Inside:
-    from .control import DebugControl
-    from .trace import TraceFilter, Tracer
+    """Set the machine's tracer / debug control / gdb stub as ``opts`` ask (each module, and
+    capstone, is imported only when asked for). Raises UsageError for bad options."""
     check(opts)
     inside = Inside(machine, opts)
     if opts.trace or opts.trace_filter is not None:
+        from .trace import TraceFilter, Tracer
         filt = TraceFilter.parse(opts.trace_filter) if opts.trace_filter is not None else None
         machine.tracer = Tracer(machine, filt)
     if opts.step or opts.gdb is not None:
+        from .control import DebugControl
         machine.debug = DebugControl(machine, wait=opts.gdb_wait, step=opts.step, step_from=opts.step_from)
     if opts.gdb is not None:
         from .gdbstub import GdbServer

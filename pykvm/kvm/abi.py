@@ -7,8 +7,6 @@ probe against ``<linux/kvm.h>`` and compares every size, field offset and ioctl 
 
 from __future__ import annotations
 
-import cffi
-
 CDEF = r"""
 /* x86 register files (asm/kvm.h) */
 struct kvm_regs {
@@ -279,8 +277,12 @@ struct kvm_signal_mask {
 int ioctl(int fd, unsigned long request, void *arg);
 """
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
+try:   # the declarations parsed once, by pykvm.kvm.genffi (no pycparser at start-up)
+    from ._abi_ffi import ffi
+except ImportError:   # not generated yet (a checkout being edited): parse them now
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
 libc = ffi.dlopen(None)
 
 # Structs the ABI test checks against the C header, with the fields it compares.
