@@ -9,6 +9,8 @@
  *                            1 = IN   1 byte from port 0x80
  *                            2 = MMIO 4-byte write to 0xd0000008
  *                            3 = MMIO 4-byte read from 0xd0000008
+ *                            4 = CPUID leaf 0: an exit KVM handles in
+ *                                the kernel (the floor: no VMM involved)
  * Each loop iteration is exactly one exiting instruction plus dec/jnz.
  * Ends with `cli; hlt` (status 0); an unknown kind writes 0x7f to the
  * debug-exit port (status 0xff).
@@ -42,6 +44,8 @@ start:
         je      mmio_write_loop
         cmp     $3, %eax
         je      mmio_read_loop
+        cmp     $4, %eax
+        je      cpuid_loop
         mov     $0x7f, %al              /* unknown kind */
         out     %al, $DEBUG_EXIT
         jmp     done
@@ -68,6 +72,13 @@ mmio_read_loop:
         mov     (%ebx), %eax
         dec     %ecx
         jnz     mmio_read_loop
+        jmp     done
+cpuid_loop:                             /* CPUID writes EAX-EDX: count in ESI */
+        mov     %ecx, %esi
+1:      xor     %eax, %eax
+        cpuid
+        dec     %esi
+        jnz     1b
 
 done:
         cli

@@ -20,7 +20,6 @@ from .boot.firmware import bundled_firmware, read_firmware
 from .boot.flat import load_flat
 from .boot.linux import linux_quirks
 from .console import HostConsole
-from .devices.virtio import attach_virtio, fast_path, linux_cmdline, parse_drive
 from .errors import BootError, PykvmError, UsageError
 from .kvm.host import host_backend
 from .memory import GuestMemoryError, check_ram_size, parse_size
@@ -113,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     see.add_argument("--gdb-wait", action="store_true", help="with --gdb: start the guest only when gdb continues")
 
     sub.add_parser("info", help="KVM API version, capabilities pykvm uses, vCPU limits")
+    bench = sub.add_parser("bench", help="exit latency: pykvm against a C KVM_RUN loop (when gcc exists)")
+    bench.add_argument("--count", type=int, default=50_000, help="exits per timed run (default 50000)")
+    bench.add_argument("--repeat", type=int, default=5, help="runs per kind and side; medians are used (default 5)")
+    bench.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    bench.add_argument("--require-c", action="store_true", help="status 2 when gcc cannot build the C baseline")
     fetch = sub.add_parser("fetch", help="download a guest: `pykvm fetch linux` gets Debian's kernel (cached)")
     fetch.add_argument("what", choices=["linux"])
     return parser
@@ -125,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "fetch":
             return cmd_fetch(args)
+        if args.command == "bench":
+            from .bench import run as run_bench  # imports KVM bits only when benchmarking
+            return run_bench(args, require_c=args.require_c)
         return cmd_info(args)
     except PykvmError as e:
         _say(str(e))
@@ -154,6 +161,7 @@ def cmd_run(args) -> int:
         firmware = read_firmware(args.firmware or str(bundled_firmware()))
     from .machine import Machine  # imports KVM bits only when a VM is really wanted
     with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware) as machine:
+        from .devices.virtio import attach_virtio
         virtio = attach_virtio(machine, *_virtio_devices(args))
         machine.load(plan)
         seeing = inside.attach(machine, debug_options)
@@ -171,6 +179,7 @@ def cmd_run(args) -> int:
 
 def _virtio_devices(args) -> tuple[list, bool, bool]:
     """(drives, rng, console) of --drive, --rng, --console virtio."""
+    from .devices.virtio import parse_drive  # loads the KVM binding: only when a VM is wanted
     return [parse_drive(d) for d in args.drive], args.rng, args.console == "virtio"
 
 
@@ -210,6 +219,7 @@ def _plan_for(args):
         load_addr = bundled.LOAD_ADDR if args.load_addr is None else args.load_addr
         initrd = _read(args.initrd, "initrd", args.mem) if args.initrd else b""
         quirks = "" if args.no_platform_quirks else linux_quirks(host_backend())
+        from .devices.virtio import linux_cmdline
         virtio_args = linux_cmdline(*_virtio_devices(args))   # virtio_mmio.device=... for Linux
         plan = load_kernel(_read(args.kernel, "kernel", args.mem), args.mem, name=args.kernel, cmdline=args.append,
                            initrd=initrd, modules=modules, mode=CpuMode(args.mode or "long64"),
@@ -252,6 +262,7 @@ def cmd_info(args) -> int:
             value = kvm.check_extension(cap)
             print(f"  KVM_CAP_{cap.name:<28} {'present' if value else 'absent'}"
                   + (f" ({value})" if value > 1 else ""))
+        from .devices.virtio import fast_path
         print(f"virtio fast path: {fast_path(kvm).describe()}")
     return 0
 

@@ -20,8 +20,6 @@ import struct
 from dataclasses import dataclass, field
 
 from .errors import PykvmError
-from .kvm.abi import ffi
-from .kvm.constants import KVM_MEM_READONLY
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -58,6 +56,8 @@ class Region:
 
     @property
     def host_addr(self) -> int:
+        """The host virtual address of the region's mapping (for KVM_SET_USER_MEMORY_REGION)."""
+        from .kvm.abi import ffi  # here, so that `pykvm --help` and `run --list` never load cffi
         return int(ffi.cast("uintptr_t", ffi.from_buffer(self._map)))
 
 
@@ -121,6 +121,7 @@ class GuestMemory:
     def register(self, vm) -> None:
         """Tell KVM about every region (KVM_SET_USER_MEMORY_REGION, one slot each)."""
         for region in self.regions:
+            from .kvm.constants import KVM_MEM_READONLY
             flags = KVM_MEM_READONLY if region.readonly else 0
             vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_addr, flags)
 

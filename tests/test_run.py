@@ -234,3 +234,14 @@ def test_runs_with_stdin_closed():
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(b"Hello from 64-bit long mode!")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--list"]])
+def test_help_and_list_load_neither_cffi_nor_capstone(args):
+    """The commands that run no VM start fast: no KVM binding, no disassembler."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pykvm", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    loaded = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "pykvm.cli" in loaded
+    assert not [m for m in loaded if m.split(".")[0] in ("cffi", "_cffi_backend", "capstone")], loaded

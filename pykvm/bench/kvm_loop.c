@@ -14,7 +14,7 @@
  * reads return 0; KVM_EXIT_HLT ends the run. Only the KVM_RUN loop is timed (CLOCK_MONOTONIC).
  * Prints one line: `elapsed_s=<seconds> exits=<n> io=<n> mmio=<n>`. Exit status 0 on a clean halt.
  *
- * Built by benchmarks/exit_latency.py with `gcc -O2`.
+ * Built by pykvm.bench (`pykvm bench`, `python -m benchmarks.exit_latency`) with `gcc -O2`.
  */
 #define _GNU_SOURCE
 #include <errno.h>
