@@ -25,22 +25,20 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import board
 from .boot import BIOS_AREA, BootPlan
 from .boot.firmware import HANDOFF_ADDR, handoff_block
 from .console import stdout_write
 from .debug.stats import VcpuStats
 from .devices.bus import Bus
 from .devices.cmos import Cmos
-from .devices.debug_exit import PORT as DEBUG_EXIT_PORT
 from .devices.debug_exit import DebugExit
 from .devices.fw_cfg import FwCfg
 from .devices.i8042 import I8042
-from .devices.mmio_test import BASE as MMIO_TEST_BASE
-from .devices.mmio_test import SIZE as MMIO_TEST_SIZE
 from .devices.mmio_test import MmioTestDevice
 from .devices.pci import PciConfigIo
 from .devices.poweroff import PowerOff
-from .devices.sink import POST_PORT, Sink
+from .devices.sink import Sink
 from .devices.uart import Uart16550
 from .errors import (
     STATUS_CRASH,
@@ -73,29 +71,8 @@ from .x86.cpuid import vcpu_cpuid
 from .x86.mptable import build_mptable
 from .x86.registers import CR0, CR4, EFER, INT3
 
-COM1_PORT, COM1_IRQ = 0x3F8, 4
-CMOS_PORT = 0x70
-I8042_DATA_PORT, I8042_COMMAND_PORT = 0x60, 0x64
-PCI_CONFIG_PORT = 0xCF8
-POWEROFF_PORT = 0x8900
-FW_CFG_PORT = 0x510
-# Ports that guests (Linux above all) probe and that need no behaviour: claimed as explicit sinks
-# so probing is neither fatal nor counted as a stray access. With the in-kernel irqchip, KVM
-# answers the PIC and PIT ports itself and these never see an access. (port, length, what)
-PROBED_PORTS = [
-    (0x20, 2, "PIC master"),
-    (0xA0, 2, "PIC slave"),
-    (0x40, 4, "PIT"),
-    (0x61, 1, "PC speaker / NMI status"),
-    (0x87, 1, "DMA page register"),
-    (0xED, 1, "I/O delay port"),
-    (0x2F8, 8, "COM2 (absent)"),
-    (0x3E8, 8, "COM3 (absent)"),
-    (0x2E8, 8, "COM4 (absent)"),
-]
 MAX_CPUS = 64
 IDLE_POLL = 0.2     # seconds between idle probes when HLT is handled inside KVM
-FIRMWARE_END = 1 << 32
 
 
 KICK_SIGNAL = signal.SIGUSR1   # sent to a vCPU thread to make KVM_RUN return (never delivered: see below)
@@ -137,37 +114,33 @@ class Machine:
         if irqchip:
             # Intel needs three pages for a real-mode TSS and one for an identity map; any
             # guest-physical space that is not RAM will do: just below the firmware.
-            self.vm.set_tss_addr(0xFFFB_D000)
-            self.vm.set_identity_map_addr(0xFFFB_C000)
+            self.vm.set_tss_addr(board.TSS_ADDR)
+            self.vm.set_identity_map_addr(board.IDENTITY_MAP_ADDR)
             self.vm.create_irqchip()
             self.vm.create_pit2()
         self.memory = GuestMemory(mem_size)
         self._closing.insert(0, self.memory.close)
         self.firmware = firmware
         if firmware is not None:
-            self.memory.add_rom(FIRMWARE_END - len(firmware), firmware)
+            self.memory.add_rom(board.FIRMWARE_END - len(firmware), firmware)
         self.memory.register(self.vm)
 
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
-        self.uart = Uart16550(irq=KvmIrqLine(self.vm, COM1_IRQ) if irqchip else None,
+        self.uart = Uart16550(irq=KvmIrqLine(self.vm, board.COM1_IRQ) if irqchip else None,
                               out=serial_out or stdout_write)
-        self.pio.attach(self.uart, COM1_PORT, 8)
-        self.pio.attach(DebugExit(self._on_debug_exit), DEBUG_EXIT_PORT, 1)
-        self.pio.attach(Sink("POST"), POST_PORT, 1)
-        self.pio.attach(Cmos(ram_below_4g=min(mem_size, MMIO_HOLE_START),
-                             ram_above_4g=max(0, mem_size - MMIO_HOLE_START)), CMOS_PORT, 2)
         i8042 = I8042(on_reset=self._on_reset)
-        self.pio.attach(i8042.data, I8042_DATA_PORT, 1)
-        self.pio.attach(i8042.command, I8042_COMMAND_PORT, 1)
-        self.pio.attach(PciConfigIo(), PCI_CONFIG_PORT, 8)
-        self.pio.attach(PowerOff(on_poweroff=self._on_poweroff), POWEROFF_PORT, 1)
-        for port, length, name in PROBED_PORTS:
-            self.pio.attach(Sink(name), port, length)
         self.fw_cfg = FwCfg(ram_size=mem_size, nb_cpus=cpus, max_cpus=cpus)
-        self.pio.attach(self.fw_cfg, FW_CFG_PORT, 2)
         self.mmio_test = MmioTestDevice()
-        self.mmio.attach(self.mmio_test, MMIO_TEST_BASE, MMIO_TEST_SIZE)
+        cmos = Cmos(ram_below_4g=min(mem_size, MMIO_HOLE_START), ram_above_4g=max(0, mem_size - MMIO_HOLE_START))
+        for device, place in [(self.uart, board.COM1), (DebugExit(self._on_debug_exit), board.DEBUG_EXIT),
+                              (Sink("POST"), board.POST), (cmos, board.CMOS), (i8042.data, board.I8042_DATA),
+                              (i8042.command, board.I8042_COMMAND), (PciConfigIo(), board.PCI_CONFIG),
+                              (PowerOff(on_poweroff=self._on_poweroff), board.POWEROFF), (self.fw_cfg, board.FW_CFG)]:
+            self.pio.attach(device, place.base, place.length)
+        for port, length, name in board.PROBED_PORTS:
+            self.pio.attach(Sink(name), port, length)
+        self.mmio.attach(self.mmio_test, board.MMIO_TEST.base, board.MMIO_TEST.length)
 
         self.vcpus = [self.vm.create_vcpu(i) for i in range(cpus)]
         supported = self.kvm.get_supported_cpuid()

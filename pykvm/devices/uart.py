@@ -61,6 +61,8 @@ from pykvm.devices.bus import IrqLine
 
 __all__ = ["Fcr", "Ier", "Iir", "Lcr", "Lsr", "Mcr", "Msr", "Reg", "Uart16550"]
 
+BASE, LENGTH, IRQ = 0x3F8, 8, 4   # COM1 on a PC: eight registers from port 0x3f8, ISA interrupt 4
+
 
 class Reg(enum.IntEnum):
     """Register offsets from the base port (DLAB-dependent names in comments)."""
