@@ -696,7 +696,7 @@ def _name_instruction(vcpu, insn: bytes) -> str:
     """'`popcnt rbx, rax` (f3 48 0f b8 d8)': the first instruction of ``insn``, decoded in the
     vCPU's current code size, or its raw bytes if it cannot be decoded."""
     from .debug.disasm import disassemble
-    from .debug.report import code_bits
+    from .x86.modes import code_bits
     try:
         decoded = disassemble(insn, 0, code_bits(vcpu.get_sregs()), limit=1)
     except PykvmError:

@@ -23,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
+from ..x86.modes import code_bits
+from ..x86.registers import CR0
+
 _EFLAGS = [("CF", 0), ("", 1), ("PF", 2), ("AF", 4), ("ZF", 6), ("SF", 7), ("TF", 8), ("IF", 9), ("DF", 10),
            ("OF", 11), ("NT", 14), ("RF", 16), ("VM", 17), ("AC", 18), ("VIF", 19), ("VIP", 20), ("ID", 21)]
 _MXCSR = [("IE", 0), ("DE", 1), ("ZE", 2), ("OE", 3), ("UE", 4), ("PE", 5), ("DAZ", 6), ("IM", 7), ("DM", 8),
@@ -105,11 +108,8 @@ I8086 = _build("i8086")
 
 def arch_for(sregs) -> Arch:
     """The description matching the vCPU's mode: 64-bit code, real mode, else 32-bit."""
-    if sregs.efer & (1 << 10) and sregs.cs.l:
-        return AMD64
-    if not sregs.cr0 & 1:
-        return I8086
-    return I386
+    bits = code_bits(sregs)
+    return AMD64 if bits == 64 else I8086 if not sregs.cr0 & CR0.PE else I386
 
 
 def target_xml(arch: Arch) -> str:

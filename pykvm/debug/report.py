@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 from ..memory import GuestMemoryError
-from ..x86.modes import mode_of
+from ..x86.modes import code_bits, linear_rip, mode_of
 from ..x86.paging import PageFault, translate
 from .disasm import format_listing
 
-
-def code_bits(sregs) -> int:
-    """16, 32 or 64: the default code size the CPU is executing with."""
-    if not sregs.cr0 & 1:
-        return 16
-    if sregs.efer & (1 << 10) and sregs.cs.l:
-        return 64
-    return 32 if sregs.cs.db else 16
+__all__ = ["code_at_rip", "code_bits", "describe_vcpu"]   # code_bits: re-exported from pykvm.x86.modes
 
 
 def describe_vcpu(vcpu, memory) -> str:
@@ -49,8 +42,7 @@ def code_at_rip(vcpu, memory, n: int, regs=None, sregs=None) -> tuple[int, bytes
     the guest's own page tables. Raises PageFault or GuestMemoryError if RIP is not mapped."""
     regs = regs or vcpu.get_regs()
     sregs = sregs or vcpu.get_sregs()
-    bits = code_bits(sregs)
-    linear = (sregs.cs.base + regs.rip) & (0xFFFF_FFFF_FFFF_FFFF if bits == 64 else 0xFFFF_FFFF)
+    linear = linear_rip(regs, sregs)
     phys = translate(memory, linear, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer)
     return linear, memory.read(phys, _readable(memory, phys, n)), phys
 

@@ -37,9 +37,9 @@ from capstone import x86 as cs_x86
 from ..errors import UsageError
 from ..kvm.constants import KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, Cap, ExitReason
 from ..memory import GuestMemoryError
+from ..x86.modes import code_bits, linear_rip
 from ..x86.paging import PageFault, translate
 from .disasm import decode, text_of
-from .report import code_bits
 from .vmem import read_virtual
 
 _IO, _MMIO, _HLT = int(ExitReason.IO), int(ExitReason.MMIO), int(ExitReason.HLT)
@@ -186,9 +186,8 @@ class Tracer:
 
     # --- which instruction ------------------------------------------------------------------
     def _instruction(self, run, reason: int, regs, sregs) -> str:
-        bits = code_bits(sregs)
+        bits, rip = code_bits(sregs), linear_rip(regs, sregs)
         mask = 0xFFFF_FFFF_FFFF_FFFF if bits == 64 else 0xFFFF_FFFF
-        rip = (sregs.cs.base + regs.rip) & mask
         at = self._decode_at(rip, bits, sregs)
         if reason in _LOOK_BACK and (at is None or not self._caused(at, reason, run, regs, sregs, bits)):
             # The exit came after the instruction completed: find the one that ends at RIP. The

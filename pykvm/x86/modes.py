@@ -132,3 +132,20 @@ def mode_of(cr0: int, cr4: int, efer: int, cs_l: int) -> str:
     if not cr0 & CR0.PG:
         return "32-bit protected mode"
     return "32-bit protected mode, PAE paging" if cr4 & CR4.PAE else "32-bit protected mode, 32-bit paging"
+
+
+def code_bits(sregs) -> int:
+    """16, 32 or 64: the default code size of a vCPU with special registers ``sregs`` (SDM 3.4.5:
+    CS.L in IA-32e mode, else CS.D; real mode is 16)."""
+    if not sregs.cr0 & CR0.PE:
+        return 16
+    if sregs.efer & EFER.LMA and sregs.cs.l:
+        return 64
+    return 32 if sregs.cs.db else 16
+
+
+def linear_rip(regs, sregs) -> int:
+    """CS.base + RIP, wrapped to the code size (64 or 32 bits): the linear address of the next
+    instruction."""
+    mask = 0xFFFF_FFFF_FFFF_FFFF if code_bits(sregs) == 64 else 0xFFFF_FFFF
+    return (sregs.cs.base + regs.rip) & mask

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 
+from .registers import CR0, CR4, EFER
+
 # Page-table entry bits (shared by all formats where they exist).
 P = 1 << 0    # present
 RW = 1 << 1   # writable
@@ -64,10 +66,10 @@ def translate(mem, vaddr: int, cr0: int, cr3: int, cr4: int, efer: int) -> int:
     """Walk the guest's page tables (no paging, 32-bit, PAE, 4-level) and return the physical
     address of linear address ``vaddr``. Table reads go through ``mem`` (GuestMemory), so a
     hostile CR3 or entry raises GuestMemoryError or PageFault, never reads host memory."""
-    if not cr0 & (1 << 31):                       # CR0.PG off: linear == physical
+    if not cr0 & CR0.PG:                          # paging off: linear == physical
         return vaddr & 0xFFFF_FFFF
-    if efer & (1 << 10):                          # EFER.LMA: 4-level (48-bit) paging
-        if cr4 & (1 << 12):
+    if efer & EFER.LMA:                           # IA-32e mode: 4-level (48-bit) paging
+        if cr4 & CR4.LA57:
             raise PageFault("5-level paging (CR4.LA57) is not supported by the walker")
         table = cr3 & 0x000F_FFFF_FFFF_F000
         for level, shift in ((4, 39), (3, 30), (2, 21), (1, 12)):
@@ -81,7 +83,7 @@ def translate(mem, vaddr: int, cr0: int, cr3: int, cr4: int, efer: int) -> int:
             table = base
         return table | (vaddr & 0xFFF)
     vaddr &= 0xFFFF_FFFF
-    if cr4 & (1 << 5):                            # CR4.PAE: PDPT -> PD -> PT, 64-bit entries
+    if cr4 & CR4.PAE:                             # PAE: PDPT -> PD -> PT, 64-bit entries
         pdpte = mem.read_u64((cr3 & 0xFFFF_FFE0) + (vaddr >> 30) * 8)
         if not pdpte & P:
             raise PageFault(f"{vaddr:#x}: PDPT entry not present")
@@ -97,7 +99,7 @@ def translate(mem, vaddr: int, cr0: int, cr3: int, cr4: int, efer: int) -> int:
     pde = mem.read_u32((cr3 & 0xFFFF_F000) + (vaddr >> 22) * 4)   # 32-bit paging
     if not pde & P:
         raise PageFault(f"{vaddr:#x}: PD entry not present")
-    if pde & PS and cr4 & (1 << 4):
+    if pde & PS and cr4 & CR4.PSE:
         return (pde & 0xFFC0_0000) | (vaddr & 0x3F_FFFF)
     pte = mem.read_u32((pde & 0xFFFF_F000) + ((vaddr >> 12) & 0x3FF) * 4)
     if not pte & P:
