@@ -165,6 +165,7 @@ class Machine:
         self._running = 0       # vCPU threads in their exit loop
 
     def close(self) -> None:
+        """Join every vCPU thread, then close devices, memory, the VM and /dev/kvm (idempotent)."""
         self.stop_threads()
         for close in self._closing:
             close()

@@ -52,6 +52,7 @@ class Region:
 
     @property
     def end(self) -> int:
+        """The first guest-physical address after the region."""
         return self.gpa + self.size
 
     @property
@@ -71,6 +72,7 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
 
 
 def check_ram_size(size: int) -> None:
+    """Raise GuestMemoryError unless ``size`` (bytes) is a multiple of 4 KiB in [MIN_RAM, MAX_RAM]."""
     if not MIN_RAM <= size <= MAX_RAM or size % (4 * KiB):
         raise GuestMemoryError(
             f"guest memory must be a multiple of 4 KiB between {MIN_RAM // MiB} MiB and "
@@ -91,6 +93,7 @@ class GuestMemory:
         self._starts = [r.gpa for r in self.regions]
 
     def close(self) -> None:
+        """Unmap every region (after the VM that used them is closed); idempotent."""
         for region in self.regions:
             region._view.release()
             region._map.close()
@@ -156,10 +159,12 @@ class GuestMemory:
         return not region.readonly
 
     def read(self, gpa: int, n: int) -> bytes:
+        """``n`` bytes at guest-physical ``gpa``. Raises GuestMemoryError unless all lie in one region."""
         region, off = self._locate(gpa, n)
         return region._map[off:off + n]
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` to guest-physical ``gpa``, all or nothing. Raises GuestMemoryError (also for ROM)."""
         n = len(data)
         region, off = self._locate(gpa, n)
         region._view[off:off + n] = data
@@ -175,38 +180,47 @@ class GuestMemory:
         return region._view[off:off + n]
 
     def read_u8(self, gpa: int) -> int:
+        """The byte at ``gpa``. Raises GuestMemoryError."""
         region, off = self._locate(gpa, 1)
         return region._view[off]
 
     def read_u16(self, gpa: int) -> int:
+        """The little-endian u16 at ``gpa``. Raises GuestMemoryError."""
         region, off = self._locate(gpa, 2)
         return _U16.unpack_from(region._view, off)[0]
 
     def read_u32(self, gpa: int) -> int:
+        """The little-endian u32 at ``gpa``. Raises GuestMemoryError."""
         region, off = self._locate(gpa, 4)
         return _U32.unpack_from(region._view, off)[0]
 
     def read_u64(self, gpa: int) -> int:
+        """The little-endian u64 at ``gpa``. Raises GuestMemoryError."""
         region, off = self._locate(gpa, 8)
         return _U64.unpack_from(region._view, off)[0]
 
     def write_u8(self, gpa: int, value: int) -> None:
+        """Store the low byte of ``value`` at ``gpa``. Raises GuestMemoryError."""
         region, off = self._locate(gpa, 1)
         region._view[off] = value & 0xFF
 
     def write_u16(self, gpa: int, value: int) -> None:
+        """Store ``value`` as a little-endian u16 at ``gpa``. Raises GuestMemoryError."""
         region, off = self._locate(gpa, 2)
         _U16.pack_into(region._view, off, value & 0xFFFF)
 
     def write_u32(self, gpa: int, value: int) -> None:
+        """Store ``value`` as a little-endian u32 at ``gpa``. Raises GuestMemoryError."""
         region, off = self._locate(gpa, 4)
         _U32.pack_into(region._view, off, value & 0xFFFF_FFFF)
 
     def write_u64(self, gpa: int, value: int) -> None:
+        """Store ``value`` as a little-endian u64 at ``gpa``. Raises GuestMemoryError."""
         region, off = self._locate(gpa, 8)
         _U64.pack_into(region._view, off, value & 0xFFFF_FFFF_FFFF_FFFF)
 
     def describe(self) -> str:
+        """One line per region: guest-physical range, size, RAM or ROM."""
         return ", ".join(f"{r.gpa:#x}-{r.end - 1:#x}" for r in self.regions)
 
 

@@ -71,6 +71,7 @@ class Unavailable(Exception):
 
 # --- the C baseline ---------------------------------------------------------------------------
 def cache_dir() -> Path:
+    """Where the compiled C baseline is kept ($XDG_CACHE_HOME or ~/.cache, then pykvm/bench)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "pykvm" / "bench"
 

@@ -15,6 +15,7 @@ from ..x86.modes import CpuState
 
 @dataclass
 class BootPlan:
+    """A loader's result: bytes to place in guest memory and the initial vCPU state."""
     cpu: CpuState
     writes: list[tuple[int, bytes]] = field(default_factory=list)   # (guest-physical, bytes)
     description: str = ""
@@ -70,6 +71,7 @@ def check_fits(what: str, start: int, length: int, mem_size: int) -> None:
 
 def check_no_overlap(what: str, start: int, length: int, reserved: list[tuple[int, int, str]],
                      hint: str = "load it elsewhere (--load-addr)") -> None:
+    """Raise BootError (ending with ``hint``) if [start, start+length) overlaps a ``reserved`` range."""
     for rstart, rend, rwhat in reserved:
         if start < rend and rstart < start + length:
             raise BootError(
@@ -84,6 +86,7 @@ PAGE = 0x1000
 
 
 def c_string(text: str, what: str, name: str) -> bytes:
+    """``text`` as NUL-terminated UTF-8. Raises BootError if it contains a NUL (``what``/``name`` say where)."""
     if "\0" in text:
         raise BootError(f"{name}: {what} {text!r} contains a NUL character, which would cut it short")
     return text.encode("utf-8") + b"\0"
@@ -96,6 +99,7 @@ def ram_below_4g(mem_size: int) -> list[tuple[int, int]]:
 
 
 def clip(ranges: list[tuple[int, int]], low: int, high: int = FOUR_GIB) -> list[tuple[int, int]]:
+    """The parts of (start, end) ``ranges`` that lie within [low, high), empty ones dropped."""
     return [(max(s, low), min(e, high)) for s, e in ranges if max(s, low) < min(e, high)]
 
 

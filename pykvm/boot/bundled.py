@@ -17,12 +17,14 @@ LOAD_ADDR = 0x8000
 
 @dataclass(frozen=True)
 class BundledGuest:
+    """A guest image shipped with pykvm: name, CPU mode, description."""
     name: str
     mode: CpuMode
     about: str
 
     @property
     def path(self) -> Path:
+        """The image file of this guest."""
         return images_dir() / f"{self.name}.bin"
 
 
@@ -43,12 +45,14 @@ DEFAULT = GUESTS[0]
 
 
 def images_dir() -> Path:
+    """The installed package's guests/ directory, or the checkout's when running from source."""
     here = Path(__file__).resolve().parent.parent   # pykvm/
     installed = here / "guests"
     return installed if installed.is_dir() else here.parent / "guests"
 
 
 def find(name: str) -> BundledGuest:
+    """The bundled guest called ``name``. Raises UsageError listing the names."""
     for guest in GUESTS:
         if guest.name == name:
             return guest

@@ -58,6 +58,7 @@ class LoadSegment(NamedTuple):
 
 @dataclass
 class ElfImage:
+    """The parts of an ELF file a loader needs: class, entry, loadable segments, notes."""
     bits: int                          # 32 or 64
     entry: int                         # e_entry, as the file says (not yet checked against segments)
     segments: list[LoadSegment]        # PT_LOAD segments, in program-header order
@@ -65,6 +66,7 @@ class ElfImage:
 
 
 def is_elf(image: bytes) -> bool:
+    """True if ``image`` starts with the ELF magic."""
     return bytes(image[:4]) == ELF_MAGIC
 
 

@@ -11,6 +11,7 @@ DEFAULT_STACK = 0x7000
 
 
 def load_flat(image: bytes, load_addr: int, mode: CpuMode, mem_size: int, name: str = "image") -> BootPlan:
+    """A flat binary at ``load_addr`` entered in ``mode`` -> BootPlan. Raises BootError if it does not fit in RAM."""
     if not image:
         raise BootError(f"{name} is empty: a flat binary needs at least one instruction")
     if image[:4] == b"\x7fELF":

@@ -67,6 +67,7 @@ def linux_quirks(backend: str) -> str:
 
 
 def is_bzimage(image: bytes) -> bool:
+    """True if ``image`` carries the Linux boot protocol's setup header ("HdrS")."""
     return len(image) >= 0x206 and image[0x202:0x206] == HDRS
 
 
@@ -76,6 +77,7 @@ def _get(image: bytes, field: str) -> int | bytes:
 
 
 def load_linux(image: bytes, mem_size: int, cmdline: str = "", initrd: bytes = b"", name: str = "bzImage") -> BootPlan:
+    """A bzImage (64-bit boot protocol) with initrd and command line -> BootPlan. Raises BootError."""
     image = bytes(image)
     if len(image) < 0x270 or not is_bzimage(image):
         raise BootError(f"{name} is not a Linux bzImage: no 'HdrS' setup header at offset 0x202"

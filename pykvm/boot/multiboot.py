@@ -64,6 +64,7 @@ _ADDRESSES = struct.Struct("<IIIII")
 
 @dataclass
 class MultibootHeader:
+    """The Multiboot v1 header found in a kernel image (flags and a.out kludge addresses)."""
     offset: int                        # where the magic is, in the file
     flags: int
     checksum: int
@@ -77,6 +78,7 @@ class MultibootHeader:
 
     @property
     def aout_kludge(self) -> bool:
+        """True if the header gives the load addresses itself (flags bit 16)."""
         return bool(self.flags & FLAG_AOUT_KLUDGE)
 
 

@@ -45,6 +45,7 @@ def pvh_entry(image: bytes, name: str) -> int | None:
 
 
 def load_pvh(image: bytes, mem_size: int, cmdline: str = "", initrd: bytes = b"", name: str = "vmlinux") -> BootPlan:
+    """A vmlinux with a PVH entry note -> BootPlan (hvm_start_info, memory map, initrd). Raises BootError."""
     image = bytes(image)
     elf = parse_elf(image, name)
     entry = pvh_entry(image, name)

@@ -18,6 +18,7 @@ DEFAULT_GDB_HOST = "127.0.0.1"
 
 @dataclass
 class Options:
+    """The seeing-inside options of ``pykvm run`` (--trace, --stats, --step, --gdb ...)."""
     trace: bool = False
     trace_filter: str | None = None
     stats: bool = False
@@ -59,6 +60,7 @@ def check(opts: Options) -> None:
 
 
 class Inside:
+    """What attach() set up; finish() prints the statistics after the run."""
     def __init__(self, machine, opts: Options) -> None:
         self.machine = machine
         self.opts = opts

@@ -11,6 +11,7 @@ __all__ = ["code_at_rip", "code_bits", "describe_vcpu"]   # code_bits: re-export
 
 
 def describe_vcpu(vcpu, memory) -> str:
+    """The crash report of a vCPU: mode, registers, control registers and the code at RIP."""
     regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
     r = regs
     lines = [

@@ -98,6 +98,7 @@ class Row:
     hist: list[int] = field(default_factory=lambda: [0] * BUCKETS)
 
     def add(self, rec: list[int]) -> None:
+        """Add one vCPU's record (histogram counters + total ns) to this row."""
         hist = self.hist
         for b in range(BUCKETS):
             n = rec[b]
@@ -107,6 +108,7 @@ class Row:
         self.total_ns += rec[TOTAL]
 
     def merge(self, other: Row) -> None:
+        """Add another row's numbers to this one."""
         for b in range(BUCKETS):
             self.hist[b] += other.hist[b]
         self.count += other.count
@@ -114,12 +116,15 @@ class Row:
 
     @property
     def mean_ns(self) -> float:
+        """Mean handling time in ns (0 without exits)."""
         return self.total_ns / self.count if self.count else 0.0
 
     def percentile(self, q: float) -> float:
+        """The q-th percentile (0 < q <= 100) in ns, from the histogram."""
         return percentile(self.hist, q)
 
     def as_dict(self) -> dict:
+        """The row as plain data for --stats-json (times in ns)."""
         return {"count": self.count, "total_ns": self.total_ns, "mean_ns": round(self.mean_ns, 1),
                 "p50_ns": round(self.percentile(50), 1), "p99_ns": round(self.percentile(99), 1),
                 "histogram": {f"{bucket_bounds(b)[0]:.0f}": n for b, n in enumerate(self.hist) if n}}
@@ -159,6 +164,7 @@ class Summary:
 
 
 def summarize(stats: list[VcpuStats], pio_bus=None, mmio_bus=None, emulated=None) -> Summary:
+    """Merge every vCPU's records with the buses' unclaimed accesses and the emulated instructions."""
     reasons: dict[str, Row] = {}
     ports: dict[int, Row] = {}
     mmio: dict[int, Row] = {}

@@ -85,6 +85,7 @@ class TraceFilter:
         return filt
 
     def matches(self, reason: int, addr: int) -> bool:
+        """True if an exit of ``reason`` at port/address ``addr`` passes the filter."""
         if reason in self.reasons:
             return True
         return any(lo <= addr <= hi for lo, hi in self.ranges.get(reason, ()))
@@ -125,6 +126,7 @@ class Tracer:
             vcpu.run_struct.kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS
 
         def trace() -> None:
+            """Print this vCPU's current exit if the filter lets it through."""
             line = self.describe(vcpu)
             if line is not None:
                 with self._lock:

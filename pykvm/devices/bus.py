@@ -34,9 +34,13 @@ MAX_UNCLAIMED = 4096    # distinct unclaimed addresses counted one by one, per b
 
 
 class Device(Protocol):
-    def read(self, offset: int, size: int) -> int: ...
+    """What a bus expects of a device: register reads and writes at an offset from its base."""
 
-    def write(self, offset: int, size: int, value: int) -> None: ...
+    def read(self, offset: int, size: int) -> int:
+        """The register value at ``offset`` (``size`` bytes: 1, 2, 4 or 8)."""
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Store ``value`` (``size`` bytes) at register ``offset``."""
 
 
 class BusError(ValueError):
@@ -87,6 +91,7 @@ class Bus:
         self._lock = threading.Lock()
 
     def attach(self, device: object, base: int, length: int) -> None:
+        """Claim [base, base+length) for ``device``. Raises BusError on an overlap or an empty range."""
         if length <= 0:
             raise BusError(f"{self.name}: device {device!r} attached with empty range")
         end = base + length

@@ -48,6 +48,7 @@ class _Fd:
     fd: int
 
     def close(self) -> None:
+        """Close the file descriptor (and, for a vCPU, unmap kvm_run); idempotent."""
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
@@ -130,6 +131,7 @@ class Vm(_Fd):
         self.vcpus: list[Vcpu] = []
 
     def close(self) -> None:
+        """Close the file descriptor (and, for a vCPU, unmap kvm_run); idempotent."""
         for vcpu in self.vcpus:
             vcpu.close()
         super().close()
@@ -203,6 +205,7 @@ class Vcpu(_Fd):
         self.run_buffer = memoryview(self._map)   # the same bytes, for struct unpacks (pykvm.kvm.exits)
 
     def close(self) -> None:
+        """Close the file descriptor (and, for a vCPU, unmap kvm_run); idempotent."""
         if self.fd >= 0:
             ffi.release(self.run_struct)  # drop cffi's and our exports of the mapping, then unmap it
             self.run_buffer.release()

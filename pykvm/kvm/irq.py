@@ -19,9 +19,11 @@ class IrqLine:
     """
 
     def set(self, level: bool) -> None:  # pragma: no cover - overridden
+        """Drive the line to ``level`` (0 or 1)."""
         pass
 
     def pulse(self) -> None:
+        """Raise then lower the line: one edge-triggered interrupt."""
         self.set(True)
         self.set(False)
 
@@ -34,6 +36,7 @@ class KvmIrqLine(IrqLine):
         self.gsi = gsi
 
     def set(self, level: bool) -> None:
+        """Drive the line to ``level`` (0 or 1)."""
         self._vm.irq_line(self.gsi, 1 if level else 0)
 
 
@@ -51,10 +54,12 @@ class IrqfdLine(IrqLine):
             raise
 
     def set(self, level: bool) -> None:
+        """Raise an edge when ``level`` is true (an eventfd write); lowering is a no-op for an irqfd."""
         if level:
             os.eventfd_write(self.fd, 1)
 
     def close(self) -> None:
+        """Close the line's eventfd; idempotent."""
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)

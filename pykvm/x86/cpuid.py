@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 def vcpu_cpuid(supported: list[dict], apic_id: int, ncpus: int) -> list[dict]:
+    """KVM's supported CPUID leaves adjusted for one vCPU: its APIC ID and the CPU count."""
     entries = []
     for leaf in supported:
         entry = dict(leaf)

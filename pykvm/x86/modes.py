@@ -24,6 +24,7 @@ PAGE_TABLES_END = 0x76000
 
 
 class CpuMode(enum.Enum):
+    """The CPU modes pykvm can enter a guest in (--mode)."""
     REAL = "real"
     PROT32 = "prot32"
     PAGED32 = "paged32"
@@ -32,6 +33,7 @@ class CpuMode(enum.Enum):
 
     @property
     def description(self) -> str:
+        """The mode in words, for messages."""
         return _DESCRIPTIONS[self]
 
     @property

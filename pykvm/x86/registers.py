@@ -6,6 +6,7 @@ import enum
 
 
 class CR0(enum.IntFlag):
+    """CR0 bits (SDM vol. 3, 2.5)."""
     PE = 1 << 0   # protection enable: segment descriptors instead of real-mode paragraphs
     MP = 1 << 1
     EM = 1 << 2
@@ -20,6 +21,7 @@ class CR0(enum.IntFlag):
 
 
 class CR4(enum.IntFlag):
+    """CR4 bits (SDM vol. 3, 2.5)."""
     VME = 1 << 0
     PVI = 1 << 1
     TSD = 1 << 2
@@ -42,6 +44,7 @@ class CR4(enum.IntFlag):
 
 
 class EFER(enum.IntFlag):
+    """IA32_EFER bits (MSR 0xC0000080; SDM vol. 3, 2.2.1)."""
     SCE = 1 << 0    # SYSCALL/SYSRET
     LME = 1 << 8    # long mode enable: takes effect when paging is turned on
     LMA = 1 << 10   # long mode active (set by the CPU; KVM wants it set with LME when entering directly)
@@ -49,6 +52,7 @@ class EFER(enum.IntFlag):
 
 
 class RFLAGS(enum.IntFlag):
+    """RFLAGS bits (SDM vol. 1, 3.4.3)."""
     CF = 1 << 0
     FIXED = 1 << 1  # reserved, always reads 1
     PF = 1 << 2
