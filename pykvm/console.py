@@ -71,7 +71,10 @@ class HostConsole:
         if self._thread is not None:
             self._thread.join()
         if self._saved_tty is not None:
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved_tty)
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved_tty)
+            except termios.error:
+                pass        # the terminal hung up (SIGHUP): there is nothing left to restore
             self._saved_tty = None
 
     def _pump(self) -> None:
@@ -153,6 +156,7 @@ class HostOutput:
         self._closing = False
         self._starved = False        # someone saw no room: tell the listeners when it comes back
         self._listeners: list[Callable[[], None]] = []
+        self._listener_lock = threading.Lock()
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
         except OSError:
@@ -169,8 +173,14 @@ class HostOutput:
         self.close()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` (on the writer thread, no lock held) when room comes back."""
-        self._listeners.append(callback)
+        """Call ``callback()`` (on the writer thread, no buffer lock held) when room comes back."""
+        with self._listener_lock:
+            self._listeners.append(callback)
+
+    def remove_listeners(self) -> None:
+        """Forget every listener; returns once none is running (before their devices close)."""
+        with self._listener_lock:
+            self._listeners = []
 
     def room(self) -> int:
         """Bytes that may still be written before the guest should wait (0: hold it back)."""
@@ -252,8 +262,9 @@ class HostOutput:
             self.on_error(self.error)
 
     def _tell(self) -> None:
-        for callback in self._listeners:
-            callback()
+        with self._listener_lock:
+            for callback in self._listeners:
+                callback()
 
 
 def stdout_write(data: bytes) -> None:
