@@ -106,6 +106,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``pykvm`` (run, info, fetch); usage errors exit 2 with one line."""
     parser = _Parser(prog="pykvm", description="A small x86 hypervisor in Python over Linux KVM.")
     parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -210,6 +211,7 @@ def _signals_end(machine, signals=(signal.SIGTERM, signal.SIGHUP)):
 
 
 def cmd_run(args) -> int:
+    """``pykvm run``: boot the guest, wire the host console and output, return the run's status."""
     if args.list:
         width = max(len(g.name) for g in bundled.GUESTS)
         for guest in bundled.GUESTS:
@@ -323,6 +325,7 @@ def _plan_for(args):
 
 
 def cmd_fetch(args) -> int:
+    """``pykvm fetch linux``: download Debian's kernel into the cache and print the paths."""
     from .fetch import fetch_linux
     vmlinuz, vmlinux = fetch_linux()
     print(f"vmlinuz {vmlinuz}")
@@ -331,6 +334,7 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """``pykvm info``: KVM's API version, backend, vCPU limits and the capabilities pykvm uses."""
     from .kvm import Cap, Kvm
     with Kvm() as kvm:
         print(f"KVM API version: {kvm.get_api_version()}")

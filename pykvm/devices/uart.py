@@ -82,6 +82,8 @@ class Reg(enum.IntEnum):
 
 
 class Ier(enum.IntFlag):
+    """IER bits: which interrupt sources the driver enables."""
+
     RDI = 1 << 0   # received data available
     THRI = 1 << 1  # transmitter holding register empty
     RLSI = 1 << 2  # receiver line status
@@ -101,6 +103,8 @@ class Iir(enum.IntEnum):
 
 
 class Fcr(enum.IntFlag):
+    """FCR bits: FIFO enable, FIFO resets, DMA mode, receive trigger level (bits 6-7)."""
+
     ENABLE = 1 << 0
     CLEAR_RX = 1 << 1
     CLEAR_TX = 1 << 2
@@ -111,6 +115,8 @@ class Fcr(enum.IntFlag):
 
 
 class Lcr(enum.IntFlag):
+    """LCR bits: word length, stop bits, parity, break, divisor latch access."""
+
     WLEN8 = 0x03
     STOP = 1 << 2
     PARITY = 1 << 3
@@ -119,6 +125,8 @@ class Lcr(enum.IntFlag):
 
 
 class Mcr(enum.IntFlag):
+    """MCR bits: the modem-control outputs and loopback."""
+
     DTR = 1 << 0
     RTS = 1 << 1
     OUT1 = 1 << 2
@@ -127,6 +135,8 @@ class Mcr(enum.IntFlag):
 
 
 class Lsr(enum.IntFlag):
+    """LSR bits: receiver data and errors, transmitter state."""
+
     DR = 1 << 0    # data ready
     OE = 1 << 1    # overrun error
     PE = 1 << 2
@@ -138,6 +148,8 @@ class Lsr(enum.IntFlag):
 
 
 class Msr(enum.IntFlag):
+    """MSR bits: modem-status inputs (4-7) and their delta bits (0-3)."""
+
     DCTS = 1 << 0
     DDSR = 1 << 1
     TERI = 1 << 2  # trailing edge of RI
