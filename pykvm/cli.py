@@ -244,8 +244,9 @@ def cmd_run(args) -> int:
             on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
             console = virtio.console or machine.uart
             try:
-                with HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver), \
-                        _signals_end(machine):
+                # Signals first: from the moment the terminal is raw, SIGTERM/SIGHUP restore it.
+                with _signals_end(machine), \
+                        HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver):
                     result = machine.run(timeout=args.timeout)
             finally:
                 output.remove_listeners()    # before the devices they poke are closed

@@ -19,8 +19,12 @@ rest and nothing is lost. :class:`pykvm.console.HostConsole` drives either devic
 once the driver runs, the receive queue is ready, and the guest wrote to the console at least
 :data:`LISTEN_DELAY` seconds ago. The last condition is for Linux: its virtio_console offers
 receive buffers as soon as the port exists, but throws away input that arrives before the port
-is hooked up to its hvc console (``in_intr``: ``guest_connected`` is still false), which is done
-only just after the kernel first prints there. Input that arrives later waits in the driver
+is hooked up to its hvc console (``in_intr``: ``guest_connected`` is still false).
+``init_port_console`` sets ``guest_connected`` right after it adds the port to the list the hvc
+output path looks ports up in, so nothing can be printed through the port before that point: the
+first output means the port is connected, unless an interrupt ran between the two stores; the
+delay is the margin for that. Input is never lost after it: hvc leaves data in the port until a
+tty is open. Input that arrives later waits in the driver
 until a program opens hvc0. A guest that never writes can still be fed by a console that does
 not wait for the driver (bare-metal guests).
 """

@@ -119,7 +119,8 @@ class Chain:
 
     def read(self, offset: int = 0, n: int | None = None) -> bytes:
         """``n`` bytes (default: all the rest) of the readable part from ``offset``; fewer if it
-        ends sooner."""
+        ends sooner. Bound ``n``: buffers may overlap, so a chain can name far more bytes than
+        the guest has RAM (1,024 indirect entries over one region); read it piecewise."""
         return b"".join(self.memory.read(gpa, length) for gpa, length in _slice(self.readable, offset, n))
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
