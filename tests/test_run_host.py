@@ -7,6 +7,7 @@ a hang; nothing asserts a duration.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
@@ -132,6 +133,7 @@ def guest(tmp_path, source: str) -> str:
 def test_a_stuck_reader_does_not_stop_the_timeout(tmp_path):
     image = guest(tmp_path, BLAST)
     r, w = os.pipe()            # nobody reads r until pykvm has ended
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)    # full after a page: the guest prints far more in 2 s
     try:
         proc = subprocess.Popen([*PYKVM, "run", image, "--timeout", "2"], cwd=ROOT, stdout=w,
                                 stderr=subprocess.PIPE)
