@@ -148,22 +148,34 @@ def test_a_stuck_reader_does_not_stop_the_timeout(tmp_path):
 
 
 @needs_kvm
+@pytest.mark.parametrize("how,status,says", [
+    (signal.SIGTERM, 143, b"ended by SIGTERM"),
+    (signal.SIGINT, 130, b"interrupted (Ctrl-C)"),
+    ("ctrl-a x", 0, b"quit from the console (Ctrl-A x)"),
+])
 @pytest.mark.parametrize("console", ["uart", "virtio"])
-def test_a_stuck_reader_does_not_stop_sigterm_or_ctrl_c(tmp_path, console):
+def test_a_stuck_reader_does_not_stop_signals_or_ctrl_a_x(tmp_path, console, how, status, says):
     image = guest(tmp_path, BLAST)
-    r, w = os.pipe()
+    r, w = os.pipe()                                    # nobody reads r until pykvm has ended
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    master, slave = os.openpty()                        # the console: Ctrl-A x comes from here
     try:
-        proc = subprocess.Popen([*PYKVM, "run", image, "--console", console], cwd=ROOT, stdout=w,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen([*PYKVM, "run", image, "--console", console], cwd=ROOT, stdin=slave,
+                                stdout=w, stderr=subprocess.PIPE)
         os.close(w)
-        assert select.select([r], [], [], HANG)[0]          # the guest runs and the pipe fills
+        assert select.select([r], [], [], HANG)[0]      # the guest runs and the pipe fills
         time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        if how == "ctrl-a x":
+            os.write(master, b"\x01x")
+        else:
+            proc.send_signal(how)
         _, err = proc.communicate(timeout=HANG)
     finally:
         os.close(r)
-    assert proc.returncode == 143, err
-    assert b"ended by SIGTERM" in err and b"Traceback" not in err
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == status, err
+    assert says in err and b"Traceback" not in err
 
 
 @needs_kvm
