@@ -224,7 +224,7 @@ def cmd_run(args) -> int:
     firmware = None
     if args.firmware is not None:
         firmware = read_firmware(args.firmware or str(bundled_firmware()))
-    from .machine import Machine  # imports KVM bits only when a VM is really wanted
+    from .machine import Machine, RunResult  # imports KVM bits only when a VM is really wanted
     if sys.stdout is not None:
         with contextlib.suppress(OSError, ValueError):
             sys.stdout.flush()
@@ -252,6 +252,9 @@ def cmd_run(args) -> int:
                 output.remove_listeners()    # before the devices they poke are closed
             seeing.finish()
         output.close()
+    if output.error is not None and result.status == 0:
+        # The last output failed after the guest had ended: still not a success.
+        result = RunResult(STATUS_OUTPUT, output.error)
     if result.report or not args.quiet or result.status == STATUS_OUTPUT:
         _say(f"{result.reason} (exit status {result.status})")
     if output.dropped and output.error is None:
