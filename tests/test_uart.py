@@ -838,6 +838,7 @@ class UartMachine(RuleBasedStateMachine):
         self.host = Host()      # how many bytes the host can take now
         self.uart.set_output(self.port.sent.append, self.host)
         self.busy = False       # the transmitter holds a byte the host could not take yet
+        self.listening = False  # a driver read IIR with IER.RDI on, and kept its FIFO since
 
     # -- model helpers --
 
@@ -920,9 +921,11 @@ class UartMachine(RuleBasedStateMachine):
         if enable != self.fifo:
             self.rx.clear()
             self.fifo = enable
+            self.listening = False
         if enable:
             if value & Fcr.CLEAR_RX:
                 self.rx.clear()
+                self.listening = False
             self.trigger = (1, 4, 8, 14)[value >> 6]
 
     @rule(value=lcr_values)
@@ -979,6 +982,8 @@ class UartMachine(RuleBasedStateMachine):
     @rule()
     def read_iir(self) -> None:
         value = self.uart.read(IIR, 1)
+        if self.ier & Ier.RDI:
+            self.listening = True
         assert (value & Iir.NO_INT == 0) == self.some_interrupt_enabled_and_active()
         iid = self.interrupt_id()
         assert value == iid | (Iir.FIFO if self.fifo else 0)
@@ -1045,6 +1050,7 @@ class UartMachine(RuleBasedStateMachine):
         # Every byte written to THR outside loopback reaches `out` exactly once, in order.
         assert self.port.output == self.transmitted
         assert all(len(chunk) == 1 for chunk in self.port.sent)
+        assert self.uart.listening == self.listening
         # The receiver never holds more than its depth (16 with FIFOs, else 1).
         held = self.depth - self.uart.rx_space() if not self.loop else len(self.rx)
         assert held == len(self.rx) <= self.depth
