@@ -234,6 +234,7 @@ class Uart16550:
         no THR-empty interrupt) until :meth:`host_ready` or an LSR read finds room again."""
         self._out = out
         self._out_room = room if room is not None else _unlimited
+        self._out_limited = room is not None   # skips a call per THR write when there is no limit
 
     def host_ready(self) -> None:
         """The host took transmitted bytes: a busy transmitter empties (THRE and its interrupt)."""
@@ -370,7 +371,7 @@ class Uart16550:
             transmitted = None
         else:
             transmitted = _BYTES[value]
-            if self._out_room() <= 1:
+            if self._out_limited and self._out_room() <= 1:
                 # This byte fills what the host can take: THR stays full until the host drains.
                 self._tx_busy = True
                 self._thre_armed = False
