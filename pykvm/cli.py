@@ -1,16 +1,25 @@
 """The ``pykvm`` command: ``run`` boots a guest, ``info`` shows what this host's KVM offers.
 
 Errors become one paragraph on stderr and an exit status, never a traceback:
-2 = bad usage or a bad image, 4 = the guest crashed or the VMM failed, 124 = timeout,
-130 = interrupted; a guest's debug-exit value v gives (v << 1) | 1.
+2 = bad usage or a bad image, 4 = the guest crashed or the VMM failed, 74 = the guest's output
+could not be written, 124 = timeout, 128 + n = ended by signal n (130 Ctrl-C, 129 SIGHUP, 143
+SIGTERM); a guest's debug-exit value v gives (v << 1) | 1.
+
+Options that take free text (a command line, a file name, a drive spec) take the next word
+whatever it starts with: ``--append '-pause -verbose'`` and ``-p -x`` work as with
+``qemu -append`` and kvmtool's ``-p`` (:func:`bind_free_text`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import signal
 import stat
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -19,8 +28,8 @@ from .boot.detect import load_kernel
 from .boot.firmware import bundled_firmware, read_firmware
 from .boot.flat import load_flat
 from .boot.linux import linux_quirks
-from .console import HostConsole
-from .errors import BootError, PykvmError, UsageError
+from .console import HostConsole, HostOutput
+from .errors import STATUS_OUTPUT, STATUS_SIGNAL, BootError, PykvmError, UsageError
 from .kvm.host import host_backend
 from .memory import GuestMemoryError, check_ram_size, parse_size
 from .x86.modes import CpuMode
@@ -42,13 +51,51 @@ def _size(text: str) -> int:
     return size
 
 
+MAX_TIMEOUT = 30 * 24 * 3600   # seconds: a month; beyond it a timeout is a typo, not a plan
+
+# Options whose value is free text: the word after them is their value, even if it starts with
+# a dash (argparse alone reads `-p -x` as two options). Short spellings map to the long one.
+FREE_TEXT_OPTIONS = {
+    "-p": "--append", "--append": "--append",
+    "-k": "--kernel", "--kernel": "--kernel",
+    "-i": "--initrd", "--initrd": "--initrd",
+    "--module": "--module",
+    "--drive": "--drive",
+    "--stats-json": "--stats-json",
+    "--trace-filter": "--trace-filter",
+}
+
+
+def bind_free_text(argv: list[str]) -> list[str]:
+    """``argv`` with each free-text option (:data:`FREE_TEXT_OPTIONS`) joined to the word after
+    it as ``--long=WORD``, so that a value beginning with ``-`` is taken as the value. Words
+    after ``--`` are left alone; an option that ends argv is left for argparse to report."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            out.extend(argv[i:])
+            break
+        long = FREE_TEXT_OPTIONS.get(word)
+        if long is not None and i + 1 < len(argv):
+            out.append(f"{long}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
 def _seconds(text: str) -> float:
+    """A --timeout value: a finite number of seconds, more than 0 and at most MAX_TIMEOUT."""
     try:
         value = float(text)
     except ValueError:
-        value = -1
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0 and at most "
+                                         f"{MAX_TIMEOUT} (30 days)")
     return value
 
 
@@ -58,6 +105,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``pykvm`` (run, info, fetch); usage errors exit 2 with one line."""
     parser = _Parser(prog="pykvm", description="A small x86 hypervisor in Python over Linux KVM.")
     parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -123,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The ``pykvm`` command; returns its exit status (see the module docstring)."""
+    args = build_parser().parse_args(bind_free_text(sys.argv[1:] if argv is None else list(argv)))
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -142,11 +191,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say(message: str) -> None:
-    print(textwrap.fill(message, width=100, initial_indent="pykvm: ", subsequent_indent="  ",
-                        break_long_words=False, break_on_hyphens=False), file=sys.stderr)
+    """One paragraph on stderr; a stderr that cannot be written (hung up, closed) is not an error."""
+    try:
+        print(textwrap.fill(message, width=100, initial_indent="pykvm: ", subsequent_indent="  ",
+                            break_long_words=False, break_on_hyphens=False), file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _signals_end(machine, signals=(signal.SIGTERM, signal.SIGHUP)):
+    """While the guest runs, SIGTERM and SIGHUP end the run like a timeout does: every vCPU stops,
+    the terminal is restored, and the status is 128 + the signal's number. (SIGINT is Ctrl-C:
+    Machine.run ends the run with 130.) The handler hands the ending to a thread, so it never
+    waits for a lock the interrupted main thread holds."""
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        threading.Thread(target=machine.end, args=(STATUS_SIGNAL + signum, f"ended by {name}"),
+                         name="signal", daemon=True).start()
+    old = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def cmd_run(args) -> int:
+    """``pykvm run``: boot the guest, wire the host console and output, return the run's status."""
     if args.list:
         width = max(len(g.name) for g in bundled.GUESTS)
         for guest in bundled.GUESTS:
@@ -159,21 +231,45 @@ def cmd_run(args) -> int:
     firmware = None
     if args.firmware is not None:
         firmware = read_firmware(args.firmware or str(bundled_firmware()))
-    from .machine import Machine  # imports KVM bits only when a VM is really wanted
-    with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware) as machine:
-        from .devices.virtio import attach_virtio
-        virtio = attach_virtio(machine, *_virtio_devices(args))
-        machine.load(plan)
-        seeing = inside.attach(machine, debug_options)
-        on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
-        console = virtio.console or machine.uart
-        with HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver):
-            result = machine.run(timeout=args.timeout)
-        seeing.finish()
-    if result.report or not args.quiet:
+    from .machine import Machine, RunResult  # imports KVM bits only when a VM is really wanted
+    if sys.stdout is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+    # The guest's output goes to fd 1 through a writer thread: never a blocking write on a vCPU.
+    with HostOutput(1) as output:
+        with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware,
+                     serial_out=output.write) as machine:
+            output.on_error = lambda reason: machine.end(STATUS_OUTPUT, reason)
+            machine.uart.set_output(output.write, output.room)
+            output.add_listener(machine.uart.host_ready)
+            from .devices.virtio import attach_virtio
+            virtio = attach_virtio(machine, *_virtio_devices(args), console_out=output.write)
+            if virtio.console is not None:
+                virtio.console.set_output(output.write, output.room)
+                output.add_listener(virtio.console.host_ready)
+            machine.load(plan)
+            seeing = inside.attach(machine, debug_options)
+            on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
+            console = virtio.console or machine.uart
+            try:
+                # Signals first: from the moment the terminal is raw, SIGTERM/SIGHUP restore it.
+                with _signals_end(machine), \
+                        HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver):
+                    result = machine.run(timeout=args.timeout)
+            finally:
+                output.remove_listeners()    # before the devices they poke are closed
+            seeing.finish()
+        output.close()
+    if output.error is not None and result.status == 0:
+        # The last output failed after the guest had ended: still not a success.
+        result = RunResult(STATUS_OUTPUT, output.error)
+    if result.report or not args.quiet or result.status == STATUS_OUTPUT:
         _say(f"{result.reason} (exit status {result.status})")
+    if output.dropped and output.error is None:
+        _say(f"{output.dropped} bytes of the guest's output were dropped: stdout did not take them in time")
     if result.report:
-        print(result.report, file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):
+            print(result.report, file=sys.stderr)
     return result.status
 
 
@@ -243,6 +339,7 @@ def _plan_for(args):
 
 
 def cmd_fetch(args) -> int:
+    """``pykvm fetch linux``: download Debian's kernel into the cache and print the paths."""
     from .fetch import fetch_linux
     vmlinuz, vmlinux = fetch_linux()
     print(f"vmlinuz {vmlinuz}")
@@ -251,6 +348,7 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """``pykvm info``: KVM's API version, backend, vCPU limits and the capabilities pykvm uses."""
     from .kvm import Cap, Kvm
     with Kvm() as kvm:
         print(f"KVM API version: {kvm.get_api_version()}")

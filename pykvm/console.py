@@ -9,12 +9,20 @@ piped-in script is not thrown away during boot; polling guests get input at once
 
 When stdin is a terminal it is put in raw mode (restored on every way out) and, as in QEMU,
 Ctrl-A starts an escape: Ctrl-A x quits, Ctrl-A h lists the keys, Ctrl-A Ctrl-A sends a Ctrl-A.
+
+Output goes through :class:`HostOutput`: the guest's device appends to a bounded buffer and a
+writer thread does the (possibly blocking) writes, so a slow or stuck reader of stdout never
+blocks a vCPU thread. The devices ask :meth:`HostOutput.room` and hold the guest back when it is
+0, as hardware does with a busy line (the UART keeps THRE clear, the virtio console leaves its
+transmit buffers in the ring); the writer tells them when room comes back. A write error
+(ENOSPC, EIO, EPIPE, ...) is reported once through ``on_error``, which ends the run.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import stat
 import sys
 import termios
 import threading
@@ -23,6 +31,9 @@ import tty
 from collections.abc import Callable
 
 ESCAPE = 0x01   # Ctrl-A
+HIGH_WATER = 64 * 1024   # bytes of guest output buffered before the devices hold the guest back
+LIMIT = 1 << 20          # most ever buffered: past it, output of a guest that ignores THRE is dropped
+GRACE = 1.0              # seconds without progress after which the end of a run stops waiting for stdout
 HELP = (b"\r\nC-a h    print this help\r\n"
         b"C-a x    quit pykvm (the guest is stopped)\r\n"
         b"C-a C-a  send C-a to the guest\r\n")
@@ -60,7 +71,10 @@ class HostConsole:
         if self._thread is not None:
             self._thread.join()
         if self._saved_tty is not None:
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved_tty)
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved_tty)
+            except termios.error:
+                pass        # the terminal hung up (SIGHUP): there is nothing left to restore
             self._saved_tty = None
 
     def _pump(self) -> None:
@@ -114,6 +128,143 @@ def _stdin_fd() -> int | None:
         return fd
     except (OSError, ValueError, AttributeError):
         return None
+
+
+class HostOutput:
+    """Guest output to the host file descriptor ``fd`` (stdout) through a writer thread.
+
+    :meth:`write` never blocks: bytes are appended to a buffer the thread writes out. :meth:`room`
+    is how many more bytes may come before the devices should hold the guest back (0 from
+    :data:`HIGH_WATER` buffered on); listeners added with :meth:`add_listener` are called (on the
+    writer thread) when room comes back after someone saw none. Bytes beyond :data:`LIMIT` (a
+    guest that ignores back-pressure) and bytes left when :meth:`close` gives up are counted in
+    :attr:`dropped`. The first write error calls ``on_error(sentence)`` once; from then on output
+    is dropped and counted, and :meth:`room` never holds the guest back.
+    """
+
+    def __init__(self, fd: int, on_error: Callable[[str], None] | None = None, *,
+                 high_water: int = HIGH_WATER, limit: int = LIMIT) -> None:
+        self.fd = fd
+        self.on_error = on_error
+        self.high_water = high_water
+        self.limit = limit
+        self.dropped = 0
+        self.written = 0
+        self.error: str | None = None
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._starved = False        # someone saw no room: tell the listeners when it comes back
+        self._listeners: list[Callable[[], None]] = []
+        self._listener_lock = threading.Lock()
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        # A pipe takes PIPE_BUF bytes atomically once poll says it is writable; files take more.
+        self._chunk = 1 << 16 if regular else select.PIPE_BUF
+        self._thread = threading.Thread(target=self._run, name="output", daemon=True)
+
+    def __enter__(self) -> HostOutput:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the writer thread, no buffer lock held) when room comes back."""
+        with self._listener_lock:
+            self._listeners.append(callback)
+
+    def remove_listeners(self) -> None:
+        """Forget every listener; returns once none is running (before their devices close)."""
+        with self._listener_lock:
+            self._listeners = []
+
+    def room(self) -> int:
+        """Bytes that may still be written before the guest should wait (0: hold it back)."""
+        if self.error is not None:
+            return self.high_water
+        room = self.high_water - len(self._buf)
+        if room <= 1:
+            self._starved = True
+            return max(room, 0)
+        return room
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the writer thread; never blocks. Past :data:`LIMIT` buffered, or
+        after a write error, the bytes are dropped and counted."""
+        with self._cond:
+            if self.error is not None or self._closing or len(self._buf) + len(data) > self.limit:
+                self.dropped += len(data)
+                return
+            self._buf += data
+            self._cond.notify()
+
+    def pending(self) -> int:
+        """Bytes buffered and not yet written."""
+        return len(self._buf)
+
+    def close(self, grace: float = GRACE) -> None:
+        """Write out what is buffered, waiting while the reader makes progress; after ``grace``
+        seconds without progress (a stuck reader) give up and count the rest in :attr:`dropped`.
+        The writer thread may then stay blocked in its last write until the process exits."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if not self._thread.is_alive():
+            return
+        last, since = self.written, time.monotonic()
+        while self._thread.is_alive():
+            self._thread.join(min(0.05, grace))
+            if self.written != last:
+                last, since = self.written, time.monotonic()
+            elif time.monotonic() - since >= grace:
+                break
+        with self._cond:
+            if self._buf:
+                self.dropped += len(self._buf)
+                self._buf.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not self._closing:
+                    self._cond.wait()
+                if not self._buf:
+                    return
+                chunk = bytes(self._buf[:self._chunk])
+            try:
+                n = os.write(self.fd, chunk)
+            except BlockingIOError:      # a non-blocking stdout we inherited: wait until writable
+                select.select([], [self.fd], [], POLL)
+                continue
+            except OSError as e:
+                self._fail(e)
+                return
+            with self._cond:
+                del self._buf[:n]
+                self.written += n
+                tell = self._starved and self.high_water - len(self._buf) > 1
+                if tell:
+                    self._starved = False
+            if tell:
+                self._tell()
+
+    def _fail(self, e: OSError) -> None:
+        with self._cond:
+            self.error = f"cannot write the guest's output to stdout: {e.strerror or e}"
+            self.dropped += len(self._buf)
+            self._buf.clear()
+        self._tell()               # nobody waits for an output that is gone
+        if self.on_error is not None:
+            self.on_error(self.error)
+
+    def _tell(self) -> None:
+        with self._listener_lock:
+            for callback in self._listeners:
+                callback()
 
 
 def stdout_write(data: bytes) -> None:

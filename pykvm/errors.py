@@ -10,6 +10,8 @@ STATUS_USAGE = 2       # bad usage or a bad image
 STATUS_CRASH = 4       # the guest crashed (triple fault, internal error) or the VMM failed
 STATUS_TIMEOUT = 124   # --timeout passed (as timeout(1))
 STATUS_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
+STATUS_OUTPUT = 74     # the guest's output could not be written (EX_IOERR of sysexits.h)
+STATUS_SIGNAL = 128    # + the signal's number: ended by SIGTERM (143), SIGHUP (129), ... as a shell reports it
 
 
 class PykvmError(Exception):

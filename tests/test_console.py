@@ -1,12 +1,17 @@
-"""The host console: Ctrl-A escapes on a terminal, back-pressure, and holding input for Linux."""
+"""The host console: Ctrl-A escapes on a terminal, back-pressure, and holding input for Linux; and
+the host output: never blocking the guest, back-pressure through the UART, write errors."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import termios
+import threading
 import time
 
-from pykvm.console import HostConsole
+from pykvm.console import HostConsole, HostOutput
+from pykvm.devices.uart import Lsr, Reg, Uart16550
 
 
 class SlowUart:
@@ -73,3 +78,120 @@ def test_terminal_escapes_quit_help_and_literal_ctrl_a(capfd):
     assert "C-a x" in capfd.readouterr().err
     os.close(master)
     os.close(slave)
+
+
+# ---- output: HostOutput between the guest's devices and stdout ------------------------------
+
+def test_a_write_error_is_reported_once_and_never_holds_the_guest_back():
+    errors = []
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with HostOutput(fd, on_error=errors.append) as output:
+            output.write(b"hello")
+            assert wait_for(lambda: errors)
+            output.write(b"more")
+            assert output.room() > 0                  # nobody waits for an output that is gone
+    finally:
+        os.close(fd)
+    assert errors == ["cannot write the guest's output to stdout: No space left on device"]
+    assert output.dropped == len(b"hellomore")
+
+
+def test_a_stuck_reader_never_blocks_the_writer_and_close_gives_up():
+    r, w = os.pipe()                                  # nobody ever reads r
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)          # so it cannot absorb all the buffer holds
+    output = HostOutput(w, high_water=4096, limit=1 << 16)
+    sent = 0
+    with output:
+        done = threading.Event()
+
+        def guest():                                  # writes far more than the pipe holds
+            nonlocal sent
+            for _ in range(256):
+                output.write(b"x" * 1024)
+                sent += 1024
+            done.set()
+
+        thread = threading.Thread(target=guest)
+        thread.start()
+        assert done.wait(30), "write() blocked behind a stuck reader"
+        thread.join()
+        assert output.room() == 0, (output.error, output.written, output.dropped, output.pending(), sent)
+        output.close(grace=0.2)                       # returns although the writer is stuck
+    assert output.dropped > 0
+    assert output.written + output.dropped == sent    # every byte accounted for
+    os.close(r)
+    os.close(w)
+
+
+def test_room_coming_back_is_told_to_the_listeners():
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.write(w, b"." * 4096)                          # the pipe is full: the writer will block
+    told = threading.Event()
+    with HostOutput(w, high_water=8) as output:
+        output.add_listener(told.set)
+        output.write(b"0123456789")                   # more than the high-water mark
+        assert output.room() == 0                     # a device asks, and is held back
+        assert not told.wait(0.2)
+        assert os.read(r, 8192) == b"." * 4096        # the reader catches up
+        assert told.wait(30)
+        assert wait_for(lambda: output.pending() == 0)
+        assert os.read(r, 100) == b"0123456789"
+    os.close(r)
+    os.close(w)
+
+
+class PollingDriver:
+    """A guest's polling UART driver: wait for LSR.THRE, write THR; bytes count up mod 256."""
+
+    def __init__(self, uart: Uart16550, count: int) -> None:
+        self.uart, self.count = uart, count
+
+    def run(self) -> None:
+        for i in range(self.count):
+            for _ in range(10_000_000):
+                if self.uart.read(Reg.LSR, 1) & Lsr.THRE:
+                    break
+                time.sleep(0.0005)
+            self.uart.write(Reg.RBR_THR, 1, i & 0xFF)
+
+
+def test_a_slow_reader_back_pressures_a_polling_driver_and_loses_nothing():
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    total = 64 * 1024
+    output = HostOutput(w, high_water=2048, limit=4096)    # a driver ignoring THRE would lose most
+    uart = Uart16550(out=output.write)
+    uart.set_output(output.write, output.room)
+    output.add_listener(uart.host_ready)
+    got = bytearray()
+    with output:
+        driver = threading.Thread(target=PollingDriver(uart, total).run)
+        driver.start()
+        while len(got) < total:                       # a slow reader: small reads with pauses
+            if not select.select([r], [], [], 5)[0]:
+                break                                 # nothing more is coming: bytes were lost
+            got += os.read(r, 512)
+            time.sleep(0.001)
+        driver.join()
+    assert output.dropped == 0
+    assert got == bytes(i & 0xFF for i in range(total))
+    os.close(r)
+    os.close(w)
+
+
+def test_a_driver_that_ignores_thre_loses_bytes_only_past_the_limit():
+    r, w = os.pipe()                                  # stuck reader
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    with HostOutput(w, high_water=2048, limit=8192) as output:
+        uart = Uart16550()
+        uart.set_output(output.write, output.room)
+        for i in range(64 * 1024):
+            uart.write(Reg.RBR_THR, 1, i & 0xFF)
+        assert not uart.read(Reg.LSR, 1) & Lsr.THRE   # it could have known
+        output.close(grace=0.1)
+    assert output.written <= 4096 + 8192
+    assert output.written + output.dropped == 64 * 1024
+    os.close(r)
+    os.close(w)

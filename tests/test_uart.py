@@ -300,17 +300,39 @@ def test_rx_interrupt_on_feed_until_drained(port: Port) -> None:
     assert port.irq.levels == [True, False]
 
 
-def test_listening_follows_ier_received_data(port: Port) -> None:
+def test_listening_needs_an_iir_read_with_receive_interrupts_enabled(port: Port) -> None:
     assert not port.uart.listening
     port.outb(IER, Ier.THRI)
-    assert not port.uart.listening
+    port.inb(IIR)
+    assert not port.uart.listening          # an IIR read, but receive interrupts are off
     port.outb(IER, Ier.RLSI | Ier.RDI)
-    assert port.uart.listening
-    port.outb(LCR, Lcr.DLAB)
-    port.outb(DLM, 0)  # the divisor latch, not IER
-    assert port.uart.listening
-    port.outb(LCR, 0)
+    assert not port.uart.listening          # enabled, but the driver may still be setting up
+    port.inb(IIR)
+    assert port.uart.listening              # its interrupt handler (or poll routine) ran
     port.outb(IER, 0)
+    assert port.uart.listening              # a console write masks IER for a moment: still listening
+    port.outb(LCR, Lcr.DLAB)
+    port.outb(DLM, 0)
+    port.outb(LCR, 0)
+    assert port.uart.listening
+
+
+@pytest.mark.parametrize("fcr_writes", [[Fcr.ENABLE], [Fcr.ENABLE, Fcr.ENABLE | Fcr.CLEAR_RX]])
+def test_emptying_the_receive_fifo_stops_listening(port: Port, fcr_writes) -> None:
+    port.outb(IER, Ier.RDI)
+    port.inb(IIR)
+    assert port.uart.listening
+    for value in fcr_writes:
+        port.outb(FCR, value)
+    assert not port.uart.listening          # a driver that clears its FIFO is (re)starting
+    port.inb(IIR)
+    assert port.uart.listening
+
+
+def test_reset_stops_listening(port: Port) -> None:
+    port.outb(IER, Ier.RDI)
+    port.inb(IIR)
+    port.uart.reset()
     assert not port.uart.listening
 
 
@@ -449,6 +471,58 @@ def test_transmitted_bytes_reach_out_in_order(port: Port) -> None:
         port.outb(THR, b)
     assert port.sent == [bytes((b,)) for b in b"Hello, world!\n"]
     assert port.inb(LSR) == 0x60  # transmission is instantaneous
+
+
+class Host:
+    """The host side of the transmitter: how many more bytes it can take now."""
+
+    def __init__(self, room: int = 1 << 20) -> None:
+        self.room = room
+
+    def __call__(self) -> int:
+        return self.room
+
+
+def test_a_host_that_cannot_take_more_keeps_thre_and_temt_clear(port: Port) -> None:
+    host = Host(room=2)
+    port.uart.set_output(port.sent.append, host)
+    port.outb(MCR, Mcr.OUT2)
+    port.outb(IER, Ier.THRI)
+    assert port.inb(IIR) == Iir.THRI
+    port.outb(THR, ord("a"))                 # room for it and more: THR empty again at once
+    assert port.inb(LSR) == Lsr.THRE | Lsr.TEMT
+    assert port.inb(IIR) == Iir.THRI
+    host.room = 1
+    port.outb(THR, ord("b"))                 # this byte fills the host: the transmitter is busy
+    host.room = 0
+    assert port.inb(LSR) & (Lsr.THRE | Lsr.TEMT) == 0
+    assert port.inb(IIR) == Iir.NO_INT and not port.irq.level
+    port.outb(IER, 0)
+    port.outb(IER, Ier.THRI)                 # re-enabling THRI does not fake an empty THR
+    assert port.inb(IIR) == Iir.NO_INT and not port.irq.level
+    assert port.output == b"ab"              # nothing lost, nothing duplicated
+    host.room = 100
+    port.uart.host_ready()                   # the host drained: THR empties, its interrupt fires
+    assert port.irq.level
+    assert port.inb(LSR) == Lsr.THRE | Lsr.TEMT
+    assert port.inb(IIR) == Iir.THRI
+
+
+def test_a_polling_driver_sees_thre_when_the_host_has_room_again(port: Port) -> None:
+    host = Host(room=1)
+    port.uart.set_output(port.sent.append, host)
+    port.outb(THR, ord("x"))
+    host.room = 0                            # the host took it and is full now
+    assert not port.inb(LSR) & Lsr.THRE
+    host.room = 10                           # no host_ready() call: the LSR read looks itself
+    assert port.inb(LSR) & Lsr.THRE
+
+
+def test_loopback_bytes_never_wait_for_the_host(port: Port) -> None:
+    port.uart.set_output(port.sent.append, Host(room=0))
+    port.outb(MCR, Mcr.LOOP)
+    port.outb(THR, 0x55)
+    assert port.inb(LSR) == Lsr.THRE | Lsr.TEMT | Lsr.DR
 
 
 def test_default_out_and_irq_do_nothing() -> None:
@@ -679,14 +753,30 @@ def test_linux_startup_and_console_traffic(port: Port) -> None:
     for reg in (LSR, RBR, IIR, MSR):
         p.inb(reg)
 
-    # set_termios(): 115200 8N1, 16550A FIFO with trigger level 8, then RX interrupts on.
+    # set_termios() of Linux 6.1: 115200 8N1, IER with RX interrupts written *before* the
+    # divisor and the FCR that turns the 16550A FIFO on (trigger level 8). A console that fed
+    # a byte as soon as IER.RDI was set lost it here: turning the FIFO on empties it.
+    assert not p.uart.listening
+    p.outb(IER, Ier.RLSI | Ier.RDI)
+    assert not p.uart.listening
     p.outb(LCR, Lcr.DLAB | Lcr.WLEN8)
     p.outb(DLL, 1)
     p.outb(DLM, 0)
     p.outb(LCR, Lcr.WLEN8)
+    p.outb(FCR, Fcr.ENABLE)
     p.outb(FCR, Fcr.ENABLE | Fcr.TRIG_8)
-    p.outb(IER, Ier.RLSI | Ier.RDI)
     assert p.irq.levels == [True, False]
+    assert not p.uart.listening
+
+    # The tty's first write (init's "init ready") starts interrupt-driven transmit: the handler
+    # reads IIR with RX interrupts on, and from then on the driver is listening.
+    p.outb(IER, Ier.RLSI | Ier.RDI | Ier.THRI)
+    assert p.inb(IIR) == 0xC0 | Iir.THRI
+    p.outb(THR, ord("i"))
+    p.outb(IER, Ier.RLSI | Ier.RDI)      # __stop_tx()
+    assert p.inb(IIR) == 0xC1
+    assert p.uart.listening
+    p.sent.clear()
 
     # One typed key, below the trigger level: the character timeout still interrupts.
     assert p.uart.feed(b"l") == 1
@@ -745,6 +835,10 @@ class UartMachine(RuleBasedStateMachine):
         self.thre = False       # THR-empty interrupt armed
         self.deltas = 0         # MSR bits 0-3
         self.transmitted = bytearray()
+        self.host = Host()      # how many bytes the host can take now
+        self.uart.set_output(self.port.sent.append, self.host)
+        self.busy = False       # the transmitter holds a byte the host could not take yet
+        self.listening = False  # a driver read IIR with IER.RDI on, and kept its FIFO since
 
     # -- model helpers --
 
@@ -796,6 +890,9 @@ class UartMachine(RuleBasedStateMachine):
                 continue
             if not self.loop:
                 self.transmitted.append(value)
+                if self.host.room <= 1:
+                    self.busy, self.thre = True, False
+                    continue
             elif len(self.rx) < self.depth:
                 self.rx.append(value)
             else:
@@ -813,7 +910,7 @@ class UartMachine(RuleBasedStateMachine):
         new = value & 0x0F
         if not new & Ier.THRI:
             self.thre = False
-        elif not self.ier & Ier.THRI:
+        elif not self.ier & Ier.THRI and not self.busy:
             self.thre = True
         self.ier = new
 
@@ -824,9 +921,11 @@ class UartMachine(RuleBasedStateMachine):
         if enable != self.fifo:
             self.rx.clear()
             self.fifo = enable
+            self.listening = False
         if enable:
             if value & Fcr.CLEAR_RX:
                 self.rx.clear()
+                self.listening = False
             self.trigger = (1, 4, 8, 14)[value >> 6]
 
     @rule(value=lcr_values)
@@ -883,6 +982,8 @@ class UartMachine(RuleBasedStateMachine):
     @rule()
     def read_iir(self) -> None:
         value = self.uart.read(IIR, 1)
+        if self.ier & Ier.RDI:
+            self.listening = True
         assert (value & Iir.NO_INT == 0) == self.some_interrupt_enabled_and_active()
         iid = self.interrupt_id()
         assert value == iid | (Iir.FIFO if self.fifo else 0)
@@ -898,9 +999,22 @@ class UartMachine(RuleBasedStateMachine):
     @rule()
     def read_lsr(self) -> None:
         value = self.uart.read(LSR, 1)
+        self.host_drained()
         assert bool(value & Lsr.DR) == bool(self.rx)
-        assert value == 0x60 | (Lsr.DR if self.rx else 0) | (Lsr.OE if self.overrun else 0)
+        idle = 0 if self.busy else 0x60
+        assert value == idle | (Lsr.DR if self.rx else 0) | (Lsr.OE if self.overrun else 0)
         self.overrun = False
+
+    @rule(room=st.sampled_from([0, 1, 2, 100]), tell=st.booleans())
+    def host_room_changes(self, room: int, tell: bool) -> None:
+        self.host.room = room
+        if tell:
+            self.uart.host_ready()
+            self.host_drained()
+
+    def host_drained(self) -> None:
+        if self.busy and self.host.room > 0:
+            self.busy, self.thre = False, True
 
     @rule()
     def read_msr(self) -> None:
@@ -912,7 +1026,9 @@ class UartMachine(RuleBasedStateMachine):
         if self.dlab:
             return
         for _ in range(FIFO_DEPTH + 1):
-            if not self.uart.read(LSR, 1) & Lsr.DR:
+            lsr = self.uart.read(LSR, 1)
+            self.host_drained()
+            if not lsr & Lsr.DR:
                 break
             assert self.rx, "LSR.DR set with nothing received"
             assert self.uart.read(RBR, 1) == self.rx.popleft()
@@ -934,6 +1050,7 @@ class UartMachine(RuleBasedStateMachine):
         # Every byte written to THR outside loopback reaches `out` exactly once, in order.
         assert self.port.output == self.transmitted
         assert all(len(chunk) == 1 for chunk in self.port.sent)
+        assert self.uart.listening == self.listening
         # The receiver never holds more than its depth (16 with FIFOs, else 1).
         held = self.depth - self.uart.rx_space() if not self.loop else len(self.rx)
         assert held == len(self.rx) <= self.depth

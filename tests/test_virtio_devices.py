@@ -199,7 +199,7 @@ def test_console_transmits_to_the_sink(mem):
     _, tx = start(transport, mem, size=8)
     tx.chain([b"Hello ", b"hvc0\n"])
     w(transport, mmio.QUEUE_NOTIFY, 1)
-    assert out == [b"Hello hvc0\n"] and tx.take_used()[0][1] == 0
+    assert b"".join(out) == b"Hello hvc0\n" and tx.take_used()[0][1] == 0
 
 
 def test_console_input_waits_for_buffers_and_is_never_lost(mem):

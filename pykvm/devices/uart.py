@@ -8,14 +8,20 @@ The device holds only register state. The outside world comes in through three d
 * ``out``: receives every byte the guest transmits, one call per THR write, each as a 1-byte
   ``bytes`` object (no batching: the guest writes THR one byte per exit anyway).
 * :meth:`Uart16550.feed`: host input for the receiver, with back-pressure;
-  :attr:`Uart16550.listening` says whether a driver has enabled receive interrupts yet.
+  :attr:`Uart16550.listening` says whether a driver has finished setting up its receiver.
 
 Modelled from the National Semiconductor PC16550D datasheet, as Linux's 8250 driver probes it:
 
 * Registers at offsets 0-7: RBR/THR, IER, IIR/FCR, LCR, MCR, LSR, MSR, SCR; LCR.DLAB (bit 7)
   turns offsets 0/1 into the divisor latch DLL/DLM. IER keeps bits 0-3, MCR bits 0-4.
-* Transmission is instantaneous: THR and the transmitter are always empty, so LSR.THRE and
-  LSR.TEMT always read 1 (LSR is 0x60, 0x61 with received data).
+* Transmission is instantaneous while the host takes bytes: THR and the transmitter are empty
+  again after each write, so LSR.THRE and LSR.TEMT read 1 (LSR is 0x60, 0x61 with received
+  data). When the host cannot take more (``out_room()`` says 0: a slow or stuck reader of the
+  host's stdout), the last byte written stays "in the transmitter": THRE and TEMT read 0 and no
+  THR-empty interrupt is armed until the host has room again (:meth:`Uart16550.host_ready`, or
+  an LSR read that finds room), as a real UART holds back a driver while its line is busy.
+  A driver that writes THR anyway (it ignores THRE) is not stopped: the byte goes to ``out``,
+  whose owner decides what to do beyond its own limit.
 * Receive FIFO of 16 bytes when FCR.0 enables FIFOs, else the 16450's 1-byte holding register.
   Changing FCR.0 empties the FIFO; FCR bits 1-7 only take effect with FCR.0 set; FCR.1 clears
   the receive FIFO; FCR bits 6-7 choose the receive trigger level (1, 4, 8 or 14 bytes).
@@ -78,23 +84,29 @@ class Reg(enum.IntEnum):
 
 
 class Ier(enum.IntFlag):
+    """IER bits: which interrupt sources the driver enables."""
+
     RDI = 1 << 0   # received data available
     THRI = 1 << 1  # transmitter holding register empty
     RLSI = 1 << 2  # receiver line status
     MSI = 1 << 3   # modem status
 
 
-class Iir(enum.IntFlag):
-    NO_INT = 0x01
-    MSI = 0x00
-    THRI = 0x02
-    RDI = 0x04
-    RLSI = 0x06
-    TIMEOUT = 0x0C
-    FIFO = 0xC0    # both bits set when FCR.0 enabled the FIFOs
+class Iir(enum.IntEnum):
+    """IIR bits 0-3, the interrupt identification (datasheet table 4), and bits 6-7."""
+
+    MSI = 0x00      # modem status
+    NO_INT = 0x01   # no interrupt pending
+    THRI = 0x02     # transmitter holding register empty
+    RDI = 0x04      # received data available (at or above the trigger level)
+    RLSI = 0x06     # receiver line status
+    TIMEOUT = 0x0C  # character timeout: data below the trigger level
+    FIFO = 0xC0     # both bits set when FCR.0 enabled the FIFOs
 
 
 class Fcr(enum.IntFlag):
+    """FCR bits: FIFO enable, FIFO resets, DMA mode, receive trigger level (bits 6-7)."""
+
     ENABLE = 1 << 0
     CLEAR_RX = 1 << 1
     CLEAR_TX = 1 << 2
@@ -105,6 +117,8 @@ class Fcr(enum.IntFlag):
 
 
 class Lcr(enum.IntFlag):
+    """LCR bits: word length, stop bits, parity, break, divisor latch access."""
+
     WLEN8 = 0x03
     STOP = 1 << 2
     PARITY = 1 << 3
@@ -113,6 +127,8 @@ class Lcr(enum.IntFlag):
 
 
 class Mcr(enum.IntFlag):
+    """MCR bits: the modem-control outputs and loopback."""
+
     DTR = 1 << 0
     RTS = 1 << 1
     OUT1 = 1 << 2
@@ -121,6 +137,8 @@ class Mcr(enum.IntFlag):
 
 
 class Lsr(enum.IntFlag):
+    """LSR bits: receiver data and errors, transmitter state."""
+
     DR = 1 << 0    # data ready
     OE = 1 << 1    # overrun error
     PE = 1 << 2
@@ -132,6 +150,8 @@ class Lsr(enum.IntFlag):
 
 
 class Msr(enum.IntFlag):
+    """MSR bits: modem-status inputs (4-7) and their delta bits (0-3)."""
+
     DCTS = 1 << 0
     DDSR = 1 << 1
     TERI = 1 << 2  # trailing edge of RI
@@ -144,10 +164,11 @@ class Msr(enum.IntFlag):
 
 # Plain ints for the exit path: IntFlag arithmetic costs a Python-level call per operator.
 _RDI, _THRI, _RLSI, _MSI = int(Ier.RDI), int(Ier.THRI), int(Ier.RLSI), int(Ier.MSI)
-_IIR_NONE, _IIR_FIFO = int(Iir.NO_INT), int(Iir.FIFO)
+_IIR_FIFO = int(Iir.FIFO)
 _DLAB = int(Lcr.DLAB)
+_FCR_ENABLE, _FCR_CLEAR_RX = int(Fcr.ENABLE), int(Fcr.CLEAR_RX)
 _OUT2, _LOOP = int(Mcr.OUT2), int(Mcr.LOOP)
-_LSR_IDLE = int(Lsr.THRE | Lsr.TEMT)  # the transmitter is always empty
+_LSR_IDLE = int(Lsr.THRE | Lsr.TEMT)  # the transmitter is empty
 _DR, _OE = int(Lsr.DR), int(Lsr.OE)
 _RI = int(Msr.RI)
 _MODEM_INPUTS_IDLE = int(Msr.CTS | Msr.DSR | Msr.DCD)  # a cable with the far end ready
@@ -170,6 +191,10 @@ def _modem_inputs(mcr: int) -> int:
     )
 
 
+def _unlimited() -> int:
+    return 1 << 30
+
+
 class Uart16550:
     """A 16550A UART: attach at 0x3f8 with length 8. See the module docstring for the model."""
 
@@ -177,12 +202,13 @@ class Uart16550:
         self,
         irq: IrqLine | None = None,
         out: Callable[[bytes], None] | None = None,
+        out_room: Callable[[], int] | None = None,
     ) -> None:
         self._irq = irq if irq is not None else IrqLine()
-        self._out = out if out is not None else _discard
         self._lock = threading.Lock()
         self._irq_level = False  # the line is assumed low until first driven
         self._rx = bytearray()
+        self.set_output(out if out is not None else _discard, out_room)
         self._power_on()
 
     def _power_on(self) -> None:
@@ -197,10 +223,25 @@ class Uart16550:
         self._rx.clear()
         self._overrun = False
         self._thre_armed = False
+        self._tx_busy = False
         self._msr_inputs = _modem_inputs(0)
         self._msr_deltas = 0
+        self._listening = False
 
     # ---- host side -------------------------------------------------------------------------
+
+    def set_output(self, out: Callable[[bytes], None], room: Callable[[], int] | None = None) -> None:
+        """Send transmitted bytes to ``out``; ``room()`` says how many more the host can take now
+        (default: always room). While it says 0 the transmitter stays busy (LSR.THRE/TEMT clear,
+        no THR-empty interrupt) until :meth:`host_ready` or an LSR read finds room again."""
+        self._out = out
+        self._out_room = room if room is not None else _unlimited
+        self._out_limited = room is not None   # skips a call per THR write when there is no limit
+
+    def host_ready(self) -> None:
+        """The host took transmitted bytes: a busy transmitter empties (THRE and its interrupt)."""
+        with self._lock:
+            self._check_tx()
 
     def feed(self, data: bytes) -> int:
         """Push host input into the receiver; return how many bytes were accepted.
@@ -222,6 +263,7 @@ class Uart16550:
             return self._space()
 
     def can_accept(self) -> bool:
+        """Whether :meth:`feed` would accept at least one byte now."""
         return self.rx_space() > 0
 
     @property
@@ -231,11 +273,16 @@ class Uart16550:
 
     @property
     def listening(self) -> bool:
-        """True once the guest enabled the received-data interrupt (IER.0): a driver reads input.
+        """True once a driver showed that it reads input: it read IIR (its interrupt handler or
+        poll routine ran) while the received-data interrupt (IER.0) was enabled, and it has not
+        emptied the receive FIFO since (FCR.1, or FCR.0 switching FIFO mode, which the datasheet
+        says clears the FIFO).
 
-        A console can hold host input until then rather than fill the FIFO for nobody.
+        A console holds host input until then rather than feed a driver that is still setting the
+        port up: Linux's set_termios() enables IER.0 *before* it turns the FIFOs on, and turning
+        them on throws away a byte that arrived in between (issue 9: the lost first byte).
         """
-        return bool(self._ier & _RDI)
+        return self._listening
 
     def reset(self) -> None:
         """Return to the power-on state (a machine reset), lowering the IRQ line if raised."""
@@ -243,94 +290,165 @@ class Uart16550:
             self._power_on()
             self._update_irq()
 
-    # ---- guest side ------------------------------------------------------------------------
+    # ---- guest side: one handler per register, by its datasheet name -------------------------
 
     def read(self, offset: int, size: int) -> int:
-        with self._lock:
-            if offset == 0:
-                if self._lcr & _DLAB:
-                    return self._divisor & 0xFF
-                rx = self._rx
-                if not rx:
-                    return 0  # undefined on hardware; nothing received
-                value = rx.pop(0)
-                self._update_irq()
-                return value
-            if offset == 1:
-                if self._lcr & _DLAB:
-                    return self._divisor >> 8
-                return self._ier
-            if offset == 2:
-                iid = self._identify()
-                if iid == 0x02:
-                    self._thre_armed = False  # reading IIR acknowledges THR empty
-                    self._update_irq()
-                return (iid | _IIR_FIFO) if self._fifo else iid
-            if offset == 3:
-                return self._lcr
-            if offset == 4:
-                return self._mcr
-            if offset == 5:
-                value = _LSR_IDLE
-                if self._rx:
-                    value |= _DR
-                if self._overrun:
-                    value |= _OE
-                    self._overrun = False  # error bits clear on read
-                    self._update_irq()
-                return value
-            if offset == 6:
-                value = self._msr_inputs | self._msr_deltas
-                if self._msr_deltas:
-                    self._msr_deltas = 0  # delta bits clear on read
-                    self._update_irq()
-                return value
-            if offset == 7:
-                return self._scr
+        """A guest read of register ``offset`` (0-7; an access of any size acts on one byte);
+        offsets past 7 read 0xFF."""
+        handler = self._READ.get(offset)
+        if handler is None:
             return 0xFF
+        with self._lock:
+            return handler(self)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        value &= 0xFF
-        transmitted = None
+        """A guest write of the low byte of ``value`` to register ``offset``; offsets past 7 and
+        the read-only LSR/MSR ignore writes (their writes are factory-test only on real parts)."""
+        handler = self._WRITE.get(offset)
+        if handler is None:
+            return
         with self._lock:
-            if offset == 0:
-                if self._lcr & _DLAB:
-                    self._divisor = (self._divisor & 0xFF00) | value
-                    return
-                if self._mcr & _LOOP:
-                    self._loop_receive(value)
-                else:
-                    transmitted = _BYTES[value]
-                # The byte left at once, so THR is empty again: THRE re-arms.
-                self._thre_armed = True
-                self._update_irq()
-            elif offset == 1:
-                if self._lcr & _DLAB:
-                    self._divisor = (self._divisor & 0x00FF) | value << 8
-                    return
-                value &= 0x0F
-                if value & _THRI:
-                    if not self._ier & _THRI:
-                        self._thre_armed = True  # enabled while THR is empty: interrupt at once
-                else:
-                    self._thre_armed = False
-                self._ier = value
-                self._update_irq()
-            elif offset == 2:
-                self._write_fcr(value)
-                self._update_irq()
-            elif offset == 3:
-                self._lcr = value
-            elif offset == 4:
-                self._write_mcr(value & 0x1F)
-                self._update_irq()
-            elif offset == 7:
-                self._scr = value
-            # LSR and MSR are read-only (their writes are factory-test only on real parts).
+            transmitted = handler(self, value & 0xFF)
         if transmitted is not None:
             self._out(transmitted)
 
+    def _read_rbr(self) -> int:
+        if self._lcr & _DLAB:
+            return self._divisor & 0xFF
+        rx = self._rx
+        if not rx:
+            return 0  # undefined on hardware; nothing received
+        value = rx.pop(0)
+        self._update_irq()
+        return value
+
+    def _read_ier(self) -> int:
+        if self._lcr & _DLAB:
+            return self._divisor >> 8
+        return self._ier
+
+    def _read_iir(self) -> int:
+        if self._ier & _RDI:
+            self._listening = True
+        iid = self._identify()
+        if iid == Iir.THRI:
+            self._thre_armed = False  # reading IIR acknowledges THR empty
+            self._update_irq()
+        return (iid | _IIR_FIFO) if self._fifo else iid
+
+    def _read_lcr(self) -> int:
+        return self._lcr
+
+    def _read_mcr(self) -> int:
+        return self._mcr
+
+    def _read_lsr(self) -> int:
+        if self._tx_busy:
+            self._check_tx()
+        value = 0 if self._tx_busy else _LSR_IDLE
+        if self._rx:
+            value |= _DR
+        if self._overrun:
+            value |= _OE
+            self._overrun = False  # error bits clear on read
+            self._update_irq()
+        return value
+
+    def _read_msr(self) -> int:
+        value = self._msr_inputs | self._msr_deltas
+        if self._msr_deltas:
+            self._msr_deltas = 0  # delta bits clear on read
+            self._update_irq()
+        return value
+
+    def _read_scr(self) -> int:
+        return self._scr
+
+    def _write_thr(self, value: int) -> bytes | None:
+        if self._lcr & _DLAB:
+            self._divisor = (self._divisor & 0xFF00) | value
+            return None
+        if self._mcr & _LOOP:
+            self._loop_receive(value)
+            transmitted = None
+        else:
+            transmitted = _BYTES[value]
+            if self._out_limited and self._out_room() <= 1:
+                # This byte fills what the host can take: THR stays full until the host drains.
+                self._tx_busy = True
+                self._thre_armed = False
+                self._update_irq()
+                return transmitted
+        # The byte left at once, so THR is empty again: THRE re-arms.
+        self._thre_armed = True
+        self._update_irq()
+        return transmitted
+
+    def _write_ier(self, value: int) -> None:
+        if self._lcr & _DLAB:
+            self._divisor = (self._divisor & 0x00FF) | value << 8
+            return
+        value &= 0x0F
+        if value & _THRI:
+            if not self._ier & _THRI and not self._tx_busy:
+                self._thre_armed = True  # enabled while THR is empty: interrupt at once
+        else:
+            self._thre_armed = False
+        self._ier = value
+        self._update_irq()
+
+    def _write_fcr(self, value: int) -> None:
+        enable = bool(value & _FCR_ENABLE)
+        if enable != self._fifo:
+            self._clear_rx()  # switching between 16450 and FIFO mode empties the FIFOs
+            self._fifo = enable
+        if enable:  # the other FCR bits are programmed only together with FCR.0
+            if value & _FCR_CLEAR_RX:
+                self._clear_rx()
+            # FCR.2 (clear transmit FIFO): the transmit side is always empty here.
+            self._trigger = _TRIGGER_LEVELS[value >> 6]
+        self._update_irq()
+
+    def _write_lcr(self, value: int) -> None:
+        self._lcr = value
+
+    def _write_mcr(self, value: int) -> None:
+        value &= 0x1F
+        self._mcr = value
+        old, new = self._msr_inputs, _modem_inputs(value)
+        if old != new:
+            self._msr_inputs = new
+            changed = old ^ new
+            # DCTS, DDSR, DDCD follow any change of CTS, DSR, DCD; TERI only RI going 1 -> 0.
+            deltas = (changed >> 4) & 0x0B
+            if old & _RI and not new & _RI:
+                deltas |= 0x04
+            self._msr_deltas |= deltas
+        self._update_irq()
+
+    def _write_scr(self, value: int) -> None:
+        self._scr = value
+
+    def _write_read_only(self, value: int) -> None:
+        pass
+
+    _READ = {Reg.RBR_THR: _read_rbr, Reg.IER: _read_ier, Reg.IIR_FCR: _read_iir, Reg.LCR: _read_lcr,
+             Reg.MCR: _read_mcr, Reg.LSR: _read_lsr, Reg.MSR: _read_msr, Reg.SCR: _read_scr}
+    _WRITE = {Reg.RBR_THR: _write_thr, Reg.IER: _write_ier, Reg.IIR_FCR: _write_fcr, Reg.LCR: _write_lcr,
+              Reg.MCR: _write_mcr, Reg.LSR: _write_read_only, Reg.MSR: _write_read_only, Reg.SCR: _write_scr}
+
     # ---- internals (called with the lock held) ---------------------------------------------
+
+    def _check_tx(self) -> None:
+        """A busy transmitter empties once the host has room: THRE, TEMT and its interrupt."""
+        if self._tx_busy and self._out_room() > 0:
+            self._tx_busy = False
+            self._thre_armed = True
+            self._update_irq()
+
+    def _clear_rx(self) -> None:
+        self._rx.clear()
+        self._listening = False  # a driver that empties its FIFO is (re)starting: hold input
 
     def _space(self) -> int:
         if self._mcr & _LOOP:
@@ -347,50 +465,25 @@ class Uart16550:
             rx[0] = value  # 16450 mode: the new character overwrites the unread one
         # FIFO mode: the character stays in the shift register and is lost.
 
-    def _write_fcr(self, value: int) -> None:
-        enable = bool(value & 0x01)
-        if enable != self._fifo:
-            self._rx.clear()  # switching between 16450 and FIFO mode empties the FIFOs
-            self._fifo = enable
-        if not enable:
-            return  # the other FCR bits are programmed only together with FCR.0
-        if value & 0x02:
-            self._rx.clear()
-        # FCR.2 (clear transmit FIFO): the transmit side is always empty here.
-        self._trigger = _TRIGGER_LEVELS[value >> 6]
-
-    def _write_mcr(self, value: int) -> None:
-        self._mcr = value
-        old, new = self._msr_inputs, _modem_inputs(value)
-        if old == new:
-            return
-        self._msr_inputs = new
-        changed = old ^ new
-        # DCTS, DDSR, DDCD follow any change of CTS, DSR, DCD; TERI only RI going 1 -> 0.
-        deltas = (changed >> 4) & 0x0B
-        if old & _RI and not new & _RI:
-            deltas |= 0x04
-        self._msr_deltas |= deltas
-
-    def _identify(self) -> int:
+    def _identify(self) -> Iir:
         """The IIR interrupt identification (bits 0-3) for the highest-priority source."""
         ier = self._ier
         if ier & _RLSI and self._overrun:
-            return 0x06
+            return Iir.RLSI
         if ier & _RDI and self._rx:
             if self._fifo and len(self._rx) < self._trigger:
-                return 0x0C  # character timeout: below the trigger level
-            return 0x04
+                return Iir.TIMEOUT  # character timeout: below the trigger level
+            return Iir.RDI
         if ier & _THRI and self._thre_armed:
-            return 0x02
+            return Iir.THRI
         if ier & _MSI and self._msr_deltas:
-            return 0x00
-        return _IIR_NONE
+            return Iir.MSI
+        return Iir.NO_INT
 
     def _update_irq(self) -> None:
         mcr = self._mcr
         # The PC's OUT2 gate; loopback forces the OUT2 pin inactive, closing it.
-        level = (mcr & (_OUT2 | _LOOP)) == _OUT2 and self._identify() != _IIR_NONE
+        level = (mcr & (_OUT2 | _LOOP)) == _OUT2 and self._identify() is not Iir.NO_INT
         if level != self._irq_level:
             self._irq_level = level
             self._irq.set(level)

@@ -128,10 +128,13 @@ def fw_cfg_table(slots: Sequence[Slot]) -> bytes:
 
 @dataclass(frozen=True)
 class FastPath:
+    """Which KVM fast paths the virtio devices use: ioeventfd notifications, irqfd interrupts."""
+
     ioeventfd: bool
     irqfd: bool
 
     def describe(self) -> str:
+        """One line for ``pykvm info``: how notifications and interrupts travel."""
         notify = "KVM_IOEVENTFD (a device thread per device)" if self.ioeventfd else "MMIO exits (vCPU thread)"
         irq = "KVM_IRQFD" if self.irqfd else "KVM_IRQ_LINE"
         return f"notifications via {notify}, interrupts via {irq}"
@@ -156,6 +159,7 @@ class NotifyThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
+        """Start the device thread."""
         self._thread.start()
 
     def kick(self, index: int) -> None:
@@ -180,6 +184,7 @@ class NotifyThread:
                 self.transport.process_queue(index_of[fd])   # never raises
 
     def stop(self) -> None:
+        """Stop the device thread (waits for it) and close its eventfds."""
         if self._thread.is_alive():
             os.eventfd_write(self._stop, 1)
             self._thread.join()

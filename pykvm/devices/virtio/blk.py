@@ -63,6 +63,8 @@ _HEADER = struct.Struct("<IIQ")
 
 
 class BlockError(OSError):
+    """A transfer between the image file and guest memory that could not complete."""
+
     pass
 
 
@@ -93,14 +95,17 @@ class Block(VirtioDevice):
         self._config = struct.pack("<QII4xI", self.capacity, 0, self.seg_max, SECTOR).ljust(CONFIG_SIZE, b"\0")
 
     def config(self) -> bytes:
+        """The 60-byte virtio_blk_config: capacity in sectors, seg_max, blk_size."""
         return self._config
 
     def close(self) -> None:
+        """Close the image file (idempotent)."""
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
 
     def process(self, index: int, queue: SplitQueue) -> None:
+        """Carry out every request the driver made available, returning each with its status."""
         while (chain := queue.pop()) is not None:
             queue.push(chain.head, self.handle(chain))
 

@@ -145,6 +145,7 @@ class VirtioDevice:
     transport: VirtioMmio
 
     def config(self) -> bytes:
+        """The device-specific configuration space, as bytes (read at offset 0x100 on)."""
         return b""
 
     def write_config(self, offset: int, data: bytes) -> None:
@@ -172,6 +173,7 @@ class _QueueState:
         self.reset()
 
     def reset(self) -> None:
+        """The queue's registers at reset: size QueueNumMax, not ready, addresses 0."""
         self.num = self.max_size
         self.ready = False
         self.desc = self.driver = self.device = 0
@@ -223,18 +225,22 @@ class VirtioMmio:
     # --- state ---------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
+        """DRIVER_OK is set and neither FAILED nor DEVICE_NEEDS_RESET: the device may use its queues."""
         return self.status & (DRIVER_OK | FAILED | DEVICE_NEEDS_RESET) == DRIVER_OK
 
     def negotiated(self, feature: int) -> bool:
+        """Whether feature bit(s) ``feature`` were accepted by the driver (FEATURES_OK set)."""
         return bool(self.status & FEATURES_OK and self.driver_features & feature)
 
     def reset(self) -> None:
+        """Return the transport and the device to their initial state (a Status write of 0)."""
         with self.lock:
             self._reset_state()
             self.device.reset()
 
     # --- interrupts ----------------------------------------------------------------------------
     def raise_interrupt(self, bits: int) -> None:
+        """Set ``bits`` (INT_VRING, INT_CONFIG) in InterruptStatus; raise the line if it was low."""
         with self._irq_lock:
             was = self.interrupt_status
             self.interrupt_status = was | bits
@@ -325,6 +331,7 @@ class VirtioMmio:
         return self.queues[sel] if sel < len(self.queues) else None
 
     def read(self, offset: int, size: int) -> int:
+        """A guest read of ``size`` bytes at register ``offset`` (module docstring for the rules)."""
         if offset >= CONFIG_OFFSET:
             return self._read_config(offset - CONFIG_OFFSET, size)
         if size != 4 or offset % 4:
@@ -359,6 +366,7 @@ class VirtioMmio:
         return int.from_bytes(data.ljust(size, b"\0"), "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
+        """A guest write of ``size`` bytes at register ``offset`` (module docstring for the rules)."""
         if offset >= CONFIG_OFFSET:
             with self.lock:
                 self.device.write_config(offset - CONFIG_OFFSET, value.to_bytes(size, "little"))
@@ -439,6 +447,7 @@ class VirtioMmio:
         return bool(accepted & VIRTIO_F_VERSION_1) and not accepted & ~self.offered
 
     def close(self) -> None:
+        """Release the device's host resources (its files)."""
         with self.lock:
             for q in self.queues:
                 q.queue = None

@@ -85,10 +85,12 @@ class VirtqueueError(Exception):
 
 
 def avail_area_size(size: int) -> int:
+    """Bytes of the available ring (driver area) of a queue of ``size`` entries (2.7)."""
     return 6 + 2 * size            # flags, idx, ring[size], used_event
 
 
 def used_area_size(size: int) -> int:
+    """Bytes of the used ring (device area) of a queue of ``size`` entries (2.7)."""
     return 6 + 8 * size            # flags, idx, ring[size], avail_event
 
 
@@ -107,15 +109,18 @@ class Chain:
 
     @property
     def readable_len(self) -> int:
+        """Total bytes of the device-readable buffers (overlapping ones counted each time)."""
         return sum(n for _, n in self.readable)
 
     @property
     def writable_len(self) -> int:
+        """Total bytes of the device-writable buffers (overlapping ones counted each time)."""
         return sum(n for _, n in self.writable)
 
     def read(self, offset: int = 0, n: int | None = None) -> bytes:
         """``n`` bytes (default: all the rest) of the readable part from ``offset``; fewer if it
-        ends sooner."""
+        ends sooner. Bound ``n``: buffers may overlap, so a chain can name far more bytes than
+        the guest has RAM (1,024 indirect entries over one region); read it piecewise."""
         return b"".join(self.memory.read(gpa, length) for gpa, length in _slice(self.readable, offset, n))
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
@@ -193,9 +198,11 @@ class SplitQueue:
 
     # --- taking chains -----------------------------------------------------------------------
     def avail_idx(self) -> int:
+        """The driver's ``avail.idx`` as it is in guest memory now (a free-running 16-bit count)."""
         return self.memory.read_u16(self.avail + 2)
 
     def has_available(self) -> bool:
+        """Whether the driver made chains available that the device has not taken yet."""
         return self.avail_idx() != self.last_avail
 
     def pop(self) -> Chain | None:

@@ -19,6 +19,8 @@ MAX_REQUEST = 64 * 1024
 
 
 class Entropy(VirtioDevice):
+    """virtio-rng: fills each request's writable buffers from ``source`` (default os.urandom)."""
+
     device_id = ID_ENTROPY
     name = "virtio-rng"
     queue_sizes = (QUEUE_SIZE,)
@@ -28,6 +30,7 @@ class Entropy(VirtioDevice):
         self.delivered = 0
 
     def process(self, index: int, queue: SplitQueue) -> None:
+        """Fill each available chain's writable part (at most MAX_REQUEST bytes) and return it."""
         while (chain := queue.pop()) is not None:
             n = chain.write(self.source(min(chain.writable_len, MAX_REQUEST)))
             self.delivered += n
