@@ -30,6 +30,7 @@ from .console import stdout_write
 from .debug.stats import TOTAL as STATS_TOTAL
 from .debug.stats import VcpuStats
 from .devices.bus import Bus
+from .devices.cmos import IRQ as RTC_IRQ
 from .devices.cmos import Cmos
 from .devices.debug_exit import PORT as DEBUG_EXIT_PORT
 from .devices.debug_exit import DebugExit
@@ -162,8 +163,10 @@ class Machine:
         self.pio.attach(self.uart, COM1_PORT, 8)
         self.pio.attach(DebugExit(self._on_debug_exit), DEBUG_EXIT_PORT, 1)
         self.pio.attach(Sink("POST"), POST_PORT, 1)
-        self.pio.attach(Cmos(ram_below_4g=min(mem_size, MMIO_HOLE_START),
-                             ram_above_4g=max(0, mem_size - MMIO_HOLE_START)), CMOS_PORT, 2)
+        self.cmos = Cmos(ram_below_4g=min(mem_size, MMIO_HOLE_START), ram_above_4g=max(0, mem_size - MMIO_HOLE_START),
+                         irq=KvmIrqLine(self.vm, RTC_IRQ) if irqchip else None)
+        self._closing.insert(0, self.cmos.close)    # its timer thread, if an interrupt was enabled
+        self.pio.attach(self.cmos, CMOS_PORT, 2)
         i8042 = I8042(on_reset=self._on_reset)
         self.pio.attach(i8042.data, I8042_DATA_PORT, 1)
         self.pio.attach(i8042.command, I8042_COMMAND_PORT, 1)
