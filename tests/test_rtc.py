@@ -7,9 +7,11 @@ test, which checks that the timer thread delivers an interrupt on its own."""
 from __future__ import annotations
 
 import calendar
+import re
 import threading
 
 import pytest
+from conftest import ROOT, needs_kvm, run_pykvm
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -345,3 +347,26 @@ def test_the_timer_delivers_an_interrupt_while_the_guest_does_nothing() -> None:
     finally:
         cmos.close()
     assert not [t for t in threading.enumerate() if t.name == "rtc-timer"]
+
+
+# ---- a bare-metal guest on the in-kernel irqchip -------------------------------------------
+
+@needs_kvm
+def test_a_guest_sees_uip_edges_and_takes_irq8_for_its_alarm():
+    """guests/rtc.elf: UIP rises and falls, the alarm programmed two seconds out arrives as IRQ 8
+    (IOAPIC pin 8 -> local APIC) at exactly the programmed time."""
+    proc = run_pykvm("run", "--kernel", str(ROOT / "guests" / "rtc.elf"), "--timeout", "60", timeout=90)
+    out = proc.stdout.decode()
+    assert proc.returncode == 33, out + proc.stderr.decode()
+    assert re.search(r"^rtc: uip rose after \d+ polls and fell after \d+$", out, re.M), out
+    programmed = re.search(r"^rtc: time (\S+), alarm set for (\S+)$", out, re.M)
+    fired = re.search(r"^rtc: irq 8: alarm, (\S+)$", out, re.M)
+    assert programmed and fired and fired[1] == programmed[2], out
+    start, alarm = (_seconds(t) for t in programmed.groups())
+    assert (alarm - start) % 86400 == 2
+    assert out.endswith("rtc: alarm ok\n")
+
+
+def _seconds(hhmmss: str) -> int:
+    h, m, s = (int(x) for x in hhmmss.split(":"))
+    return h * 3600 + m * 60 + s
