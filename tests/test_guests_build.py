@@ -31,6 +31,8 @@ EXPECTED = {
     "int3.bin",
     "gdbtest.bin",
     "gdbtest.elf",
+    "gdbalias.bin",
+    "gdbalias.elf",
     "mbinfo.elf",
     "smp.elf",
     "rtc.elf",
