@@ -116,7 +116,10 @@ def virtio_program(rng: random.Random, n_devices: int, ops: int = 200) -> bytes:
     lo, hi = FUZZ_RAM
     for _ in range(ops):
         pick = rng.random()
-        if pick < 0.3:
+        if pick < 0.05:     # an RTC register (A, B, C: rates and interrupt enables), then its value
+            out += port_access(0x70, 1, True, rng.choice((0x0A, 0x0B, 0x0C)), 64)
+            out += port_access(0x71, 1, rng.random() < 0.7, rng.getrandbits(8), 64)
+        elif pick < 0.3:
             port = rng.choice(ENDING_PORTS) if rng.random() < 0.005 else rng.choice(PORTS)
             out += port_access(port, rng.choice((1, 2, 4)), rng.random() < 0.6, rng.getrandbits(32), 64)
         elif pick < 0.45:
