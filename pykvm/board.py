@@ -30,6 +30,7 @@ COM1_IRQ = uart.IRQ
 DEBUG_EXIT = Place(debug_exit.PORT, 1)
 POST = Place(sink.POST_PORT, 1)
 CMOS = Place(cmos.BASE, cmos.LENGTH)
+RTC_IRQ = cmos.IRQ
 I8042_DATA = Place(i8042.DATA_PORT, 1)
 I8042_COMMAND = Place(i8042.COMMAND_PORT, 1)
 PCI_CONFIG = Place(pci.BASE, pci.LENGTH)

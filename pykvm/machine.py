@@ -132,7 +132,10 @@ class Machine:
         i8042 = I8042(on_reset=self._on_reset)
         self.fw_cfg = FwCfg(ram_size=mem_size, nb_cpus=cpus, max_cpus=cpus)
         self.mmio_test = MmioTestDevice()
-        cmos = Cmos(ram_below_4g=min(mem_size, MMIO_HOLE_START), ram_above_4g=max(0, mem_size - MMIO_HOLE_START))
+        self.cmos = cmos = Cmos(ram_below_4g=min(mem_size, MMIO_HOLE_START),
+                                ram_above_4g=max(0, mem_size - MMIO_HOLE_START),
+                                irq=KvmIrqLine(self.vm, board.RTC_IRQ) if irqchip else None)
+        self._closing.insert(0, cmos.close)    # its timer thread, if an interrupt was enabled
         for device, place in [(self.uart, board.COM1), (DebugExit(self._on_debug_exit), board.DEBUG_EXIT),
                               (Sink("POST"), board.POST), (cmos, board.CMOS), (i8042.data, board.I8042_DATA),
                               (i8042.command, board.I8042_COMMAND), (PciConfigIo(), board.PCI_CONFIG),

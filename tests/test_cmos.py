@@ -40,7 +40,8 @@ SUNDAY_EVENING = time.gmtime(calendar.timegm((2024, 3, 17, 21, 5, 9, 0, 0, 0)))
 
 
 def fixed(t: time.struct_time):
-    return lambda: t
+    """A host clock stopped at ``t`` (a quarter second into that second)."""
+    return lambda: calendar.timegm(t) + 0.25
 
 
 def inb(cmos: Cmos, index: int) -> int:
@@ -59,7 +60,7 @@ def word(cmos: Cmos, index: int, width: int = 2) -> int:
 
 @pytest.fixture
 def cmos() -> Cmos:
-    return Cmos(128 * MiB, clock=fixed(SUNDAY_EVENING))
+    return Cmos(128 * MiB, now=fixed(SUNDAY_EVENING))
 
 
 def test_ports() -> None:
@@ -96,28 +97,29 @@ def test_12_hour_mode_marks_pm_in_bit_7(cmos: Cmos) -> None:
 @pytest.mark.parametrize(("hour", "bcd12"), [(0, 0x12), (1, 0x01), (11, 0x11), (12, 0x92), (13, 0x81), (23, 0x91)])
 def test_12_hour_mode_midnight_and_noon(hour: int, bcd12: int) -> None:
     t = time.gmtime(calendar.timegm((2024, 1, 1, hour, 0, 0, 0, 0, 0)))
-    cmos = Cmos(MiB, clock=fixed(t))
+    cmos = Cmos(MiB, now=fixed(t))
     outb(cmos, REG_B, 0)
     assert inb(cmos, HOURS) == bcd12
 
 
 @pytest.mark.parametrize(("date", "rtc_wday"), [((2024, 3, 17), 1), ((2024, 3, 18), 2), ((2024, 3, 23), 7)])
 def test_day_of_week_counts_from_sunday_as_1(date: tuple[int, int, int], rtc_wday: int) -> None:
-    cmos = Cmos(MiB, clock=fixed(time.gmtime(calendar.timegm((*date, 12, 0, 0, 0, 0, 0)))))
+    cmos = Cmos(MiB, now=fixed(time.gmtime(calendar.timegm((*date, 12, 0, 0, 0, 0, 0)))))
     assert inb(cmos, DAY_OF_WEEK) == rtc_wday
 
 
 def test_the_clock_is_read_at_each_access() -> None:
-    now = [SUNDAY_EVENING]
-    cmos = Cmos(MiB, clock=lambda: now[0])
+    now = [calendar.timegm(SUNDAY_EVENING) + 0.5]
+    cmos = Cmos(MiB, now=lambda: now[0])
     assert inb(cmos, SECONDS) == 0x09
-    now[0] = time.gmtime(calendar.timegm(SUNDAY_EVENING) + 50)
+    now[0] += 50
     assert inb(cmos, SECONDS) == 0x59
 
 
-def test_writes_to_time_registers_are_ignored(cmos: Cmos) -> None:
+def test_writes_to_time_registers_set_the_guests_clock(cmos: Cmos) -> None:
     outb(cmos, MINUTES, 0x42)
-    assert inb(cmos, MINUTES) == 0x05
+    assert inb(cmos, MINUTES) == 0x42
+    assert inb(cmos, HOURS) == 0x21
 
 
 def test_default_clock_is_the_hosts_utc() -> None:
@@ -130,7 +132,7 @@ def test_default_clock_is_the_hosts_utc() -> None:
 @given(st.integers(0, 2**32 - 1), st.booleans())
 def test_any_instant_reads_back_as_valid_fields(epoch: int, binary: bool) -> None:
     t = time.gmtime(epoch)
-    cmos = Cmos(MiB, clock=fixed(t))
+    cmos = Cmos(MiB, now=fixed(t))
     outb(cmos, REG_B, B_24H | (B_DM if binary else 0))
     enc = (lambda n: n) if binary else to_bcd
     assert inb(cmos, SECONDS) == enc(min(t.tm_sec, 59))
@@ -142,10 +144,10 @@ def test_any_instant_reads_back_as_valid_fields(epoch: int, binary: bool) -> Non
 
 # ---- status registers -----------------------------------------------------------------------
 
-def test_register_a_never_reports_update_in_progress(cmos: Cmos) -> None:
-    assert inb(cmos, REG_A) == 0x26
+def test_register_a_stores_rate_and_divider_but_not_uip(cmos: Cmos) -> None:
+    assert inb(cmos, REG_A) == 0x26           # a quarter second into the second: no update near
     outb(cmos, REG_A, 0xFF)
-    assert inb(cmos, REG_A) == 0x7F           # rate and divider stored, UIP still 0
+    assert inb(cmos, REG_A) == 0x7F           # rate and divider stored, UIP is read-only
 
 
 def test_register_b_is_writable(cmos: Cmos) -> None:
@@ -153,7 +155,7 @@ def test_register_b_is_writable(cmos: Cmos) -> None:
     assert inb(cmos, REG_B) == 0x46
 
 
-def test_register_c_reads_zero_and_d_reports_valid_ram_and_time(cmos: Cmos) -> None:
+def test_register_c_reads_zero_while_no_time_passes_and_d_reports_valid_ram_and_time(cmos: Cmos) -> None:
     outb(cmos, REG_C, 0xFF)
     outb(cmos, REG_D, 0x00)
     assert inb(cmos, REG_C) == 0
@@ -234,7 +236,7 @@ def test_memory_registers_follow_the_formulas(below: int, above: int) -> None:
 
 @given(st.lists(st.tuples(st.integers(0, 1), st.sampled_from([1, 2, 4]), st.integers(0, 0xFFFF_FFFF)), max_size=50))
 def test_random_port_traffic_never_raises_and_reads_are_bytes(ops) -> None:
-    cmos = Cmos(64 * MiB, clock=fixed(SUNDAY_EVENING))
+    cmos = Cmos(64 * MiB, now=fixed(SUNDAY_EVENING))
     for offset, size, value in ops:
         cmos.write(offset, size, value)
         assert 0 <= cmos.read(DATA, 1) <= 0xFF

@@ -31,14 +31,17 @@ EXPECTED = {
     "int3.bin",
     "gdbtest.bin",
     "gdbtest.elf",
+    "gdbalias.bin",
+    "gdbalias.elf",
     "mbinfo.elf",
     "smp.elf",
+    "rtc.elf",
     "virtio-blk.elf",
     "virtio-console.elf",
     "virtio-rng.elf",
 }
 
-KERNELS = ("mbinfo.elf", "smp.elf", "virtio-blk.elf", "virtio-console.elf", "virtio-rng.elf")
+KERNELS = ("mbinfo.elf", "smp.elf", "rtc.elf", "virtio-blk.elf", "virtio-console.elf", "virtio-rng.elf")
 
 
 def images(folder: Path) -> dict[str, bytes]:

@@ -44,9 +44,10 @@ from ..memory import GuestMemoryError
 from ..x86.modes import mode_of
 from ..x86.paging import PageFault
 from ..x86.registers import INT3, Vector
+from .breakpoints import SoftwareBreakpoints
 from .disasm import decode, text_of, transfers_control
 from .report import code_bits
-from .vmem import read_virtual, to_physical, write_virtual
+from .vmem import read_virtual
 
 SIGINT, SIGTRAP = 2, 5
 DB_VECTOR, BP_VECTOR = Vector.DB, Vector.BP
@@ -101,7 +102,8 @@ class DebugControl:
         self.event: StopEvent | None = StopEvent(ids[0]) if wait else None
         self.ended = None                    # the RunResult, once the machine ended
         self.listener = None                 # called (any thread) when all vCPUs stopped, or the run ended
-        self.sw: dict[int, tuple[int, int]] = {}             # linear address -> (physical, original byte)
+        self.sw = SoftwareBreakpoints(self.memory)          # keyed by the physical byte they patch
+        self._over: dict[int, int] = {}      # vCPU -> physical byte it is stepping over (an alias hit)
         self.hw: list[HwBreakpoint | None] = [None] * NSLOTS
         self._stepping: set[int] = set()     # vCPUs the debugger is single-stepping
         self._guard: dict[int, int] = {}     # vCPU -> debug register slot of its step guard
@@ -135,9 +137,11 @@ class DebugControl:
         arch = vcpu.run_struct.debug.arch
         exception, dr6, pc = arch.exception, arch.dr6, arch.pc
         if exception == BP_VECTOR:
-            if pc in self.sw:
+            whose = self._our_int3(vcpu, pc)
+            if whose == "break":
                 return self._stop(vcpu, StopEvent(vcpu.id, SIGTRAP, "swbreak", pc))
-            vcpu.inject_exception(BP_VECTOR)   # the guest's own int3: KVM delivers it as a soft exception
+            if whose is None:
+                vcpu.inject_exception(BP_VECTOR)   # the guest's own int3: KVM delivers it as a soft exception
             return False
         if exception != DB_VECTOR:
             return False
@@ -148,6 +152,11 @@ class DebugControl:
             return False
         guard = self._guard.get(vcpu.id)
         stepped = bool(dr6 & DR6_BS) or (guard is not None and bool(dr6 & (1 << guard)))
+        if stepped and vcpu.id in self._over:       # stepped over an aliased breakpoint: re-plant it
+            self.sw.restore(self._over.pop(vcpu.id))
+            if vcpu.id not in self._stepping:
+                self._apply(vcpu)
+                return False
         if stepped and vcpu.id in self._stepping:
             return self._stop(vcpu, StopEvent(vcpu.id, SIGTRAP, "step"))
         if stepped and self._steps_left.get(vcpu.id):
@@ -165,13 +174,30 @@ class DebugControl:
     def on_int3(self, vcpu) -> bool:
         """KVM could not emulate an int3 (kvm_pvm, CPL0). True if it is one of our breakpoints
         (the vCPU was parked, RIP still at the int3); False lets the caller inject #BP."""
-        if not self.sw:
+        if not self.sw.patches:
             return False
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
         linear = _linear_rip(regs, sregs)
-        if linear not in self.sw:
+        whose = self._our_int3(vcpu, linear)
+        if whose is None:
             return False
+        if whose == "alias":
+            return True         # handled: the vCPU re-executes the original instruction, stepping
         return self._stop(vcpu, StopEvent(vcpu.id, SIGTRAP, "swbreak", linear))
+
+    def _our_int3(self, vcpu, linear: int) -> str | None:
+        """Whose int3 the vCPU executed at ``linear`` (pykvm.debug.breakpoints): "break", one of
+        gdb's breakpoints (stop there); "alias", a byte we patched reached through a mapping gdb
+        did not name (stepped over: the original byte goes back for one single-step, then the
+        0xCC); None, the guest's own."""
+        paging = self.paging(vcpu)
+        whose = self.sw.hit(paging, linear)
+        if whose == "alias":
+            phys = self.sw.lift(paging, linear)
+            if phys is not None:
+                self._over[vcpu.id] = phys
+                self._apply(vcpu)
+        return whose
 
     def _stop(self, vcpu, event: StopEvent) -> bool:
         with self._cond:
@@ -237,6 +263,7 @@ class DebugControl:
     def resume(self, actions: dict[int, str]) -> None:
         """Let vCPUs run again: ``actions`` maps a vCPU id to "c" (continue) or "s" (one step);
         vCPUs not named stay stopped."""
+        self.sw.replant(self.paging)     # the guest may have changed its page tables meanwhile
         with self._cond:
             self.event = None
             self._stepping = {vid for vid, action in actions.items() if action == "s"}
@@ -260,37 +287,20 @@ class DebugControl:
 
     def read_memory(self, vcpu, addr: int, n: int) -> bytes:
         """Guest-virtual memory as the guest would see it without our int3s (may be short)."""
-        data = bytearray(read_virtual(self.memory, self.paging(vcpu), addr, n))
-        for bp_addr, (_, original) in self.sw.items():
-            if addr <= bp_addr < addr + len(data):
-                data[bp_addr - addr] = original
-        return bytes(data)
+        return self.sw.read(self.paging(vcpu), addr, n)
 
     def write_memory(self, vcpu, addr: int, data: bytes) -> None:
         """Write guest-virtual memory; bytes under our breakpoints update the saved original."""
-        data = bytearray(data)
-        for bp_addr, (phys, _) in list(self.sw.items()):
-            if addr <= bp_addr < addr + len(data):
-                self.sw[bp_addr] = (phys, data[bp_addr - addr])
-                data[bp_addr - addr] = INT3
-        write_virtual(self.memory, self.paging(vcpu), addr, bytes(data))
+        self.sw.write(self.paging(vcpu), addr, data)
 
     def insert_sw(self, vcpu, addr: int) -> None:
-        if addr in self.sw:
-            return
         try:
-            phys = to_physical(self.memory, self.paging(vcpu), addr)
-            original = self.memory.read_u8(phys)
-            self.memory.write_u8(phys, INT3)
+            self.sw.insert(vcpu, self.paging(vcpu), addr)
         except (GuestMemoryError, PageFault) as e:
             raise DebugError(str(e)) from None
-        self.sw[addr] = (phys, original)
 
     def remove_sw(self, addr: int) -> None:
-        entry = self.sw.pop(addr, None)
-        if entry is not None:
-            phys, original = entry
-            self.memory.write_u8(phys, original)
+        self.sw.remove(addr)
 
     def insert_hw(self, addr: int, kind: int = HW_EXEC, length: int = 1) -> None:
         if kind != HW_EXEC and length not in _LEN_BITS:
@@ -313,8 +323,7 @@ class DebugControl:
                 return
 
     def clear_breakpoints(self) -> None:
-        for addr in list(self.sw):
-            self.remove_sw(addr)
+        self.sw.clear()
         self.hw = [None] * NSLOTS
 
     # --- guest debug state --------------------------------------------------------------------
@@ -336,7 +345,7 @@ class DebugControl:
             self._trigger_slot = free.pop(0)
             debugreg[self._trigger_slot] = self._trigger
             dr7 |= _dr7_bits(self._trigger_slot, HwBreakpoint(self._trigger))
-        elif vcpu.id in self._stepping or self._steps_left.get(vcpu.id):
+        elif vcpu.id in self._stepping or vcpu.id in self._over or self._steps_left.get(vcpu.id):
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
             guard = self._guard_address(vcpu) if free else None
             if guard is not None:

@@ -11,8 +11,11 @@ Three layers, each testable alone:
 
 Threads are vCPUs (gdb thread id = vCPU id + 1), in all-stop mode. Addresses in ``m``/``M``/
 ``X``/``Z`` are guest-virtual, translated through the page tables of the current thread
-(``Hg``). When gdb connects, the guest is stopped; on detach (or a dropped connection) every
-breakpoint is removed and the guest resumes, and another gdb may connect. When the run ends
+(``Hg``). Software breakpoints (``Z0``) are kept per guest-physical byte
+(:mod:`pykvm.debug.breakpoints`): two addresses that map one byte share its patch, an ``int3`` reached
+through an address gdb did not name is stepped over, and a breakpoint whose page the guest remaps
+moves with it when the guest is resumed. When gdb connects, the guest is stopped; on detach (or a
+dropped connection) every breakpoint is removed and the guest resumes, and another gdb may connect. When the run ends
 while gdb waits for a stop, gdb gets ``W<status>``: pykvm's exit status. A packet the stub
 cannot parse gets ``E01``, an unmapped address ``E14``: nothing gdb sends can crash the VMM.
 
