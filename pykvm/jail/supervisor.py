@@ -18,6 +18,7 @@ VMM started; S still cleans up when it ends.
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import signal
 import sys
@@ -92,7 +93,11 @@ class Entry:
 def preload() -> None:
     """Import now what a VMM may need after the pivot, when no module file can be read: crash
     reports (capstone and its shared library), tracing, tracebacks, the codecs Python looks up
-    lazily. Checked by tests/test_jail.py (a jailed guest crash still prints its disassembly)."""
+    lazily. Then seal the import system: only built-in and frozen modules can still be imported,
+    so a module nobody imported before is a plain ModuleNotFoundError -- never a file-system
+    lookup, which the seccomp filter would punish (capstone's ``Cs()`` tries ``from . import
+    ccapstone`` on every call and copes with its absence). Checked by tests/test_jail.py (a
+    jailed guest crash still prints its disassembly)."""
     import encodings.idna  # noqa: F401
     import encodings.latin_1  # noqa: F401
     import json  # noqa: F401
@@ -103,6 +108,9 @@ def preload() -> None:
 
     from ..debug import disasm, inside, report, stats  # noqa: F401
     "".encode("ascii"), "".encode("latin-1"), b"".decode("utf-8", "replace")
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if f in (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter)]
+    sys.path_importer_cache.clear()
 
 
 def check(config: JailConfig) -> cgroups.Hierarchy:
