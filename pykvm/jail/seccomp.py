@@ -17,7 +17,9 @@ virtio disk and the console, keeping the calls made after the filter's own secco
   the call's number in siginfo; our handler writes "syscall NR" on the report pipe to the
   supervisor and exits with :data:`DIE_STATUS`, an exit_group argument the filter answers with
   SECCOMP_RET_KILL_PROCESS -- so the process always dies *by SIGSYS*, and the supervisor names
-  the call. (Why not KILL_PROCESS for everything: then nobody learns which call it was. Why the
+  the call. The handler is best effort (see ``install``): if it cannot report, the next
+  forbidden call kills the process all the same, reported as "a forbidden system call".
+  (Why not KILL_PROCESS for everything: then nobody learns which call it was. Why the
   detour through exit_group: the VMM is PID 1 of its PID namespace, and the kernel ignores a
   signal PID 1 sends itself.) Should the handler itself fail, SIGSYS is blocked while it runs,
   and a blocked forced SIGSYS kills the process anyway.
@@ -119,6 +121,7 @@ class _Sigaction(ctypes.Structure):   # glibc's struct sigaction on x86-64
 
 
 SA_SIGINFO = 4
+SA_RESETHAND = 0x80000000
 _SIGSYS_SYSCALL_AT = 24     # siginfo_t: signo, errno, code, pad, then _sigsys {call_addr, syscall, arch}
 _HANDLER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _state: dict = {}
@@ -144,7 +147,9 @@ def install(report_fd: int | None, mode: str = "kill") -> None:
         _state["handler"] = handler = _HANDLER_TYPE(_on_sigsys)   # kept alive: libc holds its address
         action = _Sigaction()
         action.sa_sigaction = ctypes.cast(handler, ctypes.c_void_p).value
-        action.sa_flags = SA_SIGINFO
+        # SA_RESETHAND: should the handler ever return (it cannot run Python code in a thread that
+        # has no interpreter state yet), the next forbidden call finds SIGSYS at its default: death
+        action.sa_flags = SA_SIGINFO | SA_RESETHAND
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.sigaction(SIGSYS, ctypes.byref(action), None) != 0:
             raise OSError(ctypes.get_errno(), "sigaction(SIGSYS)")

@@ -18,6 +18,7 @@ VMM started; S still cleans up when it ends.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.machinery
 import os
 import signal
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 from . import cgroups, credentials, fds, namespaces, rlimits, rootfs, seccomp
 from ._libc import PR_SET_PDEATHSIG, prctl
 from .config import UID_BASE, JailConfig, JailError
+
+M_ARENA_MAX = -8     # mallopt(3)
 
 
 @dataclass
@@ -108,6 +111,9 @@ def preload() -> None:
 
     from ..debug import disasm, inside, report, stats  # noqa: F401
     "".encode("ascii"), "".encode("latin-1"), b"".decode("utf-8", "replace")
+    # glibc's malloc, when a new thread needs an arena, counts CPUs by opening
+    # /sys/devices/system/cpu/online unless the number of arenas is fixed: fix it.
+    ctypes.CDLL(None).mallopt(M_ARENA_MAX, 4)
     sys.meta_path[:] = [f for f in sys.meta_path
                         if f in (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter)]
     sys.path_importer_cache.clear()

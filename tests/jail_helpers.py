@@ -1,0 +1,57 @@
+"""Gates and checks shared by the jail tests: root, cgroups and libseccomp present, and
+"nothing left behind" (no per-VM directory, no cgroup, no new mount)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+
+def _jail_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "jail tests need root (namespaces, cgroups, mknod, pivot_root, setuid)"
+    from pykvm.jail import JailError, cgroups, seccomp
+    try:
+        cgroups.detect()
+    except JailError as e:
+        return f"no usable cgroups here: {e}"
+    return seccomp.available()
+
+
+JAIL_PROBLEM = _jail_problem()
+needs_jail = pytest.mark.skipif(JAIL_PROBLEM is not None, reason=JAIL_PROBLEM or "")
+
+
+def mounts() -> list[str]:
+    """This process's mount table, without mount ids (which renumber)."""
+    with open("/proc/self/mountinfo") as f:
+        return sorted(" ".join(line.split()[3:]) for line in f)
+
+
+def cgroup_dirs(vm_id: str) -> list[str]:
+    """Every cgroup directory named ``pykvm/<vm_id>`` in any mounted hierarchy."""
+    found = []
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
+    for point in points:
+        for dirpath, dirnames, _ in os.walk(point):
+            if os.path.basename(dirpath) == "pykvm" and vm_id in dirnames:
+                found.append(os.path.join(dirpath, vm_id))
+            if dirpath.count("/") - point.count("/") > 4:
+                dirnames[:] = []
+    return found
+
+
+def assert_nothing_left(base, vm_id: str, mounts_before: list[str]) -> None:
+    assert list(os.listdir(base)) == [], f"left behind in the chroot base: {os.listdir(base)}"
+    assert cgroup_dirs(vm_id) == [], "a cgroup was left behind"
+    assert mounts() == mounts_before, "a mount was left behind"
+
+
+def one_paragraph_error(stderr: bytes) -> str:
+    text = stderr.decode(errors="replace")
+    assert "Traceback" not in text, text
+    assert re.match(r"pykvm: \S", text), text
+    return text
