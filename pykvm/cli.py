@@ -161,7 +161,7 @@ def cmd_run(args) -> int:
     if args.firmware is not None:
         firmware = read_firmware(args.firmware or str(bundled_firmware()))
     if args.jail:
-        return _run_jailed(args, lambda entry: _boot(args, plan, firmware, inside, debug_options, entry.enter))
+        return _run_jailed(args, lambda entry: _jailed_boot(args, plan, firmware, inside, debug_options, entry))
     if args.no_jail and not args.quiet:
         _say("running without a jail (--no-jail): this VMM has the privileges of its user")
     return _boot(args, plan, firmware, inside, debug_options)
@@ -358,6 +358,21 @@ def _jail_config(args):
         raise UsageError(f"--pids {config.pids} is below what this VM needs: one thread per vCPU ({args.cpus}) "
                          "plus the VMM's own (at least 8)")
     return config
+
+
+def _jailed_boot(args, plan, firmware, inside, debug_options, entry) -> int:
+    """In the jailed process: boot, entering the jail once the VM and its files are open; errors
+    become one paragraph and their status there, as in main()."""
+    from .jail import JailError
+    try:
+        return _boot(args, plan, firmware, inside, debug_options, entry.enter)
+    except JailError:
+        raise       # the supervisor reports it
+    except PykvmError as e:
+        if not entry.entered:
+            entry.enter()      # the supervisor insists; nothing is open, so nothing to fear
+        _say(str(e))
+        return e.exit_status
 
 
 def _run_jailed(args, boot) -> int:

@@ -54,4 +54,5 @@ def one_paragraph_error(stderr: bytes) -> str:
     text = stderr.decode(errors="replace")
     assert "Traceback" not in text, text
     assert re.match(r"pykvm: \S", text), text
-    return text
+    assert text.count("pykvm:") == 1, text
+    return " ".join(text.split())
