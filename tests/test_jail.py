@@ -248,3 +248,13 @@ def test_uid_is_distinct_per_vm_by_default(jail):
     first = jail(entered(lambda: 0))
     second = jail(entered(lambda: 0))
     assert first.uid != second.uid and first.uid != 0 and first.gid == first.uid
+
+
+def test_a_late_import_is_an_import_error_not_a_file_access(jail):
+    def attempt():
+        try:
+            import xml.dom.minidom  # noqa: F401  (not imported before the jail)
+        except ImportError:
+            return 0
+        return 1
+    assert jail(entered(attempt)).status == 0
