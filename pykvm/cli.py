@@ -382,6 +382,8 @@ def _run_jailed(args, boot) -> int:
                          "use them with --no-jail")
     from .jail import spawn
     config = _jail_config(args)
+    if config.seccomp != "kill" and not args.quiet:
+        _say(f"jailed without the seccomp filter's protection (--seccomp {config.seccomp})")
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None   # Ctrl-C is the VMM's
     try:

@@ -210,7 +210,7 @@ def _supervise(config, hierarchy, target, report_fd, keep_fds) -> None:
         os.setsid()
         _stdio_to_null()
     uid = config.uid if config.uid is not None else UID_BASE + os.getpid()
-    gid = config.gid if config.gid is not None else UID_BASE + os.getpid()
+    gid = config.gid if config.gid is not None else uid
     cgroup = cgroups.Cgroup.create(hierarchy, config.id, config.memory, config.cpus, config.pids)
     try:
         root = rootfs.RootDir.create(config)
