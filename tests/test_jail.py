@@ -258,3 +258,15 @@ def test_a_late_import_is_an_import_error_not_a_file_access(jail):
             return 0
         return 1
     assert jail(entered(attempt)).status == 0
+
+
+def test_kvm_requests_only_used_to_build_a_vm_are_killed(jail):
+    from pykvm.kvm import Ioctl
+
+    def target(entry):
+        kvm = os.open("/dev/kvm", os.O_RDWR)    # opened before entering, as the VMM does
+        entry.enter()
+        import fcntl
+        fcntl.ioctl(kvm, Ioctl.KVM_CREATE_VM, 0)   # a second VM from inside the jail
+        return 1
+    assert_seccomp_kill(jail(target), "ioctl")
