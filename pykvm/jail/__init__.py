@@ -33,7 +33,15 @@ Modules: config (checks), cgroups, namespaces, rootfs (chroot dir + pivot_root),
 credentials, seccomp, supervisor (spawn).
 """
 
+import os
+
 from .config import JailConfig, JailError, JailFile
 from .supervisor import Entry, JailResult, preload, spawn
 
-__all__ = ["Entry", "JailConfig", "JailError", "JailFile", "JailResult", "preload", "spawn"]
+__all__ = ["Entry", "JailConfig", "JailError", "JailFile", "JailResult", "jail_by_default", "preload", "spawn"]
+
+
+def jail_by_default() -> bool:
+    """Whether a VMM starts jailed unless told otherwise: the engine daemon's rule (issue 13,
+    part 4) -- yes when running as root; ``--no-jail`` is explicit and logged."""
+    return os.geteuid() == 0
