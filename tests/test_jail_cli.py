@@ -119,3 +119,18 @@ def test_a_vm_id_in_use_is_refused_and_kept(base):
     assert "already exists" in one_paragraph_error(r.stderr)
     assert (base / "pykvm" / "busy" / "root").is_dir()     # someone else's: not ours to remove
     shutil.rmtree(base / "pykvm")
+
+
+def test_killing_pykvm_ends_the_jailed_vm_and_cleans_up(base):
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "jail", "--chroot-base", str(base), "--id", "killed",
+                             "--", "run", "spin"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        assert proc.stdout.readline() == b"spinning forever\n"
+        proc.terminate()       # as `timeout` would: the VMM must not outlive it
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    deadline = time.monotonic() + 30
+    while os.listdir(base) and time.monotonic() < deadline:    # the supervisor ends the VM and cleans up
+        time.sleep(0.1)

@@ -142,12 +142,13 @@ def spawn(config: JailConfig, target: Callable[[Entry], int], keep_fds: tuple[in
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    caller = os.getpid()
     pid = os.fork()
     if pid == 0:   # the supervisor
         code = 0
         try:
             os.close(read_end)
-            _supervise(config, hierarchy, target, write_end, keep_fds)
+            _supervise(config, hierarchy, target, write_end, keep_fds, caller)
         except BaseException as e:
             code = 2 if isinstance(e, JailError) else 4
             text = str(e) if isinstance(e, JailError) else f"jail supervisor failed: {e!r}"
@@ -204,11 +205,15 @@ def _send(fd: int, key: str, value: str) -> None:
         pass    # the caller is gone (daemonized, or it died): nobody to tell
 
 
-def _supervise(config, hierarchy, target, report_fd, keep_fds) -> None:
+def _supervise(config, hierarchy, target, report_fd, keep_fds, caller: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the VMM's to handle; we clean up after
     if config.daemonize:
         os.setsid()
         _stdio_to_null()
+    else:   # the caller killed (`timeout`, a test's subprocess timeout): end the VM, clean up
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != caller:
+            return
     uid = config.uid if config.uid is not None else UID_BASE + os.getpid()
     gid = config.gid if config.gid is not None else uid
     cgroup = cgroups.Cgroup.create(hierarchy, config.id, config.memory, config.cpus, config.pids)
@@ -217,9 +222,15 @@ def _supervise(config, hierarchy, target, report_fd, keep_fds) -> None:
         try:
             if config.new_pid_ns:
                 namespaces.new_pid_namespace()
+            stops = {signal.SIGTERM, signal.SIGHUP}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
             vpid = os.fork()
             if vpid == 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
                 _vmm(config, cgroup, root.root, uid, gid, target, report_fd, keep_fds)
+            for signum in stops:    # stop the VMM; the cleanup below follows
+                signal.signal(signum, lambda *_: os.kill(vpid, signal.SIGKILL))
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
             _send(report_fd, "started", f"{vpid} {uid} {gid}")
             while True:
                 try:
