@@ -32,23 +32,25 @@ def mounts() -> list[str]:
         return sorted(" ".join(line.split()[3:]) for line in f)
 
 
-def cgroup_dirs(vm_id: str | None = None) -> list[str]:
-    """Every cgroup directory ``pykvm/<vm_id>`` (any id if None) in any mounted hierarchy."""
+def cgroup_dirs(vm_id) -> list[str]:
+    """Every cgroup directory ``pykvm/<id>`` in any mounted hierarchy whose id is ``vm_id`` (a
+    string) or passes it (a predicate)."""
+    match = vm_id if callable(vm_id) else (lambda name: name == vm_id)
     found = []
     with open("/proc/self/mounts") as f:
         points = [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
     for point in points:
         for dirpath, dirnames, _ in os.walk(point):
             if os.path.basename(dirpath) == "pykvm":
-                found += [os.path.join(dirpath, d) for d in dirnames if vm_id is None or d == vm_id]
+                found += [os.path.join(dirpath, d) for d in dirnames if match(d)]
             if dirpath.count("/") - point.count("/") > 4:
                 dirnames[:] = []
     return found
 
 
-def assert_nothing_left(base, vm_id: str | None, mounts_before: list[str]) -> None:
-    """No file under the chroot base, no cgroup ``pykvm/<vm_id>`` (any if None), and no new mount
-    under the base or naming a jail."""
+def assert_nothing_left(base, vm_id, mounts_before: list[str]) -> None:
+    """No file under the chroot base, no cgroup ``pykvm/<vm_id>`` (an id or a predicate on ids,
+    see cgroup_dirs), and no new mount under the base or naming a jail."""
     assert list(os.listdir(base)) == [], f"left behind in the chroot base: {os.listdir(base)}"
     assert cgroup_dirs(vm_id) == [], "a cgroup was left behind"
     ours = (lambda table: [m for m in table if str(base) in m or "/pykvm/" in m])  # noqa: E731

@@ -17,18 +17,23 @@ from jail_helpers import assert_nothing_left, mounts, needs_jail, one_paragraph_
 pytestmark = [needs_kvm, needs_jail]
 
 
+IDS = ("cli-test", "daemon-test", "killed", "busy")
+
+
 @pytest.fixture
 def base(tmp_path):
-    """An empty chroot base; afterwards nothing of any jail may be left in it, in cgroups or mounts."""
+    """An empty chroot base; afterwards nothing of this file's jails may be left in it, in cgroups
+    (their ids, and `pykvm run --jail`'s pykvm-<pid>) or mounts."""
     d = tmp_path / "base"
     d.mkdir()
     before = mounts()
     yield d
-    assert_nothing_left(d, None, before)
+    assert_nothing_left(d, lambda name: name in IDS or name.startswith("pykvm-"), before)
 
 
 def jailed(base, *run_args, jail_args=(), **kw):
-    return run_pykvm("jail", "--chroot-base", str(base), *jail_args, "--", "run", *run_args, **kw)
+    ids = [] if "--id" in jail_args else ["--id", "cli-test"]
+    return run_pykvm("jail", "--chroot-base", str(base), *ids, *jail_args, "--", "run", *run_args, **kw)
 
 
 @pytest.mark.parametrize("guest", [["hello-long64"], ["hello-real"], ["hello-prot32"], ["hello-pae"], ["mmio"],
