@@ -270,3 +270,31 @@ def test_kvm_requests_only_used_to_build_a_vm_are_killed(jail):
         fcntl.ioctl(kvm, Ioctl.KVM_CREATE_VM, 0)   # a second VM from inside the jail
         return 1
     assert_seccomp_kill(jail(target), "ioctl")
+
+
+def test_resource_limits_are_set(jail):
+    import resource
+
+    def attempt():
+        got = [resource.getrlimit(r) for r in (resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE, resource.RLIMIT_CORE)]
+        return 0 if got == [(100, 100), (1 << 20, 1 << 20), (0, 0)] else 1
+    result = jail(entered(attempt), seccomp="off", resource_limits={"no-file": 100, "fsize": 1 << 20})
+    assert result.status == 0
+
+
+def test_netns_joins_the_given_network_namespace(jail):
+    import shutil
+    import subprocess
+    if not shutil.which("ip"):
+        pytest.skip("needs ip(8) to make a network namespace")
+    name = f"pykvm-jail-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "tuntap", "add", "pykvmd0", "mode", "tap"], check=True)
+
+        def attempt():
+            return 0 if "pykvmd0" in [n for _, n in socket.if_nameindex()] else 1
+        assert jail(entered(attempt), seccomp="off", netns=f"/run/netns/{name}").status == 0
+        assert jail(entered(lambda: 1 - attempt()), seccomp="off").status == 0    # a new one: not there
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
