@@ -22,9 +22,11 @@ pytestmark = [
 
 def shell_lines(stdout: bytes) -> list[str]:
     """What the script printed (not the kernel's log, whose timestamps differ)."""
-    keep = ("tty=", "dd-vda-ok", "dd-vdb-refused", "hwrng=", "  R   R")
-    lines = [line.strip() for line in stdout.decode(errors="replace").splitlines() if line.startswith(keep)]
-    return [re.sub(r"^hwrng=[0-9a-f]{32}$", "hwrng=(16 random bytes)", line) for line in lines]
+    keep = ("tty=", "dd-vda-ok", "dd-vdb-refused", "hwrng=", "R   R")
+    lines = [line.strip() for line in stdout.decode(errors="replace").splitlines()]
+    # hwrng: only that the line came. Its bytes differ per run, and /dev/hwrng sometimes reads
+    # empty with or without the jail (seen in both; tests/test_virtio_linux.py checks the bytes)
+    return [re.sub(r"^hwrng=.*", "hwrng=", line) for line in lines if line.startswith(keep)]
 
 
 @pytest.fixture(scope="module")
