@@ -43,7 +43,7 @@ from ..kvm.constants import (
 from ..memory import GuestMemoryError
 from ..x86.modes import mode_of
 from ..x86.paging import PageFault
-from ..x86.registers import INT3, Vector
+from ..x86.registers import Vector
 from .breakpoints import SoftwareBreakpoints
 from .disasm import decode, text_of, transfers_control
 from .report import code_bits

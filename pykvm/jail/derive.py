@@ -1,0 +1,70 @@
+"""Deriving the seccomp allowlist from traces: ``python -m pykvm.jail.derive TRACE...``.
+
+Each TRACE is the output of ``strace -f -o TRACE pykvm jail --seccomp log -- run ...`` (log: the
+filter lets every call through and only logs the ones outside the list). This keeps the calls
+the VMM process and its threads made *after* its own seccomp(SECCOMP_SET_MODE_FILTER) call --
+what the filter will see -- and prints them with their counts, marking those the filter does not
+allow (:data:`pykvm.jail.seccomp.ALLOWED`). ioctl requests are listed too."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+
+from .seccomp import ALLOWED
+
+_LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)")
+_FILTER = re.compile(r"^(\d+)\s+seccomp\(SECCOMP_SET_MODE_FILTER, .*\{len=\d+.*\) = 0$")
+_IOCTL = re.compile(r"ioctl\(\d+, ([A-Z0-9_]+|0x[0-9a-f]+|_IOC\([^)]*\))")
+
+
+def calls_after_filter(lines) -> tuple[Counter, Counter]:
+    """(system call -> count, ioctl request -> count) made after the filter by the filtered
+    process and its threads. Its threads are the tasks first seen after the process itself (the
+    caller and the supervisor come first; the VMM cannot fork): strace prints clone's result as
+    the thread id inside the PID namespace, which cannot be matched to its host tid."""
+    first_seen: dict[str, int] = {}
+    vmm = None
+    calls: Counter[str] = Counter()
+    ioctls: Counter[str] = Counter()
+    for n, line in enumerate(lines):
+        line = line.rstrip("\n")
+        tid = line.split(" ", 1)[0]
+        first_seen.setdefault(tid, n)
+        m = _FILTER.match(line)
+        if m and vmm is None:
+            vmm = first_seen[m.group(1)]
+            continue
+        if vmm is None or first_seen[tid] < vmm:
+            continue
+        m = _LINE.match(line)
+        if m:
+            calls[m.group(2)] += 1
+            if m.group(2) == "ioctl":
+                request = _IOCTL.search(line)
+                ioctls[request.group(1) if request else "?"] += 1
+    return calls, ioctls
+
+
+def main(paths: list[str]) -> int:
+    total: Counter[str] = Counter()
+    requests: Counter[str] = Counter()
+    for path in paths:
+        with open(path, errors="replace") as f:
+            calls, ioctls = calls_after_filter(f)
+        if not calls:
+            print(f"{path}: no seccomp filter call found", file=sys.stderr)
+        total.update(calls)
+        requests.update(ioctls)
+    ruled = {*ALLOWED, "ioctl", "clone", "clone3", "exit_group"}
+    for name, n in total.most_common():
+        print(f"{name:<20} {n:>9}{'' if name in ruled else '   NOT ALLOWED'}")
+    print(f"-- {len(total)} system calls; ioctl requests:")
+    for name, n in requests.most_common():
+        print(f"  {name:<30} {n:>9}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

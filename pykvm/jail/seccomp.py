@@ -1,0 +1,164 @@
+"""The VMM's seccomp filter (seccomp(2), Documentation/userspace-api/seccomp_filter.rst), built
+with libseccomp through the ``pyseccomp`` binding (ctypes over the system's libseccomp.so.2).
+
+One filter for the whole process, loaded with SECCOMP_FILTER_FLAG_TSYNC so the device threads
+already running get it too, and inherited by the vCPU threads Machine.run starts later: every
+Python thread runs the same interpreter (allocator, GC, GIL) so per-thread-kind filters would
+differ only by a handful of calls. What it allows (:data:`ALLOWED`) was derived by tracing: see
+the README's jail section (strace -f of jailed runs of every bundled guest, the small Linux with a
+virtio disk and the console, keeping the calls made after the filter's own seccomp() call).
+
+- ``ioctl`` only with the KVM requests pykvm issues while a VM runs (pykvm.kvm.Ioctl less the
+  ones only used to build it, :data:`KVM_SETUP_ONLY`) and the terminal requests
+  the console makes (:data:`TERMINAL_IOCTLS`), compared on the low 32 bits (the kernel's
+  ``unsigned int cmd``).
+- ``clone`` only for threads (CLONE_THREAD set): the VMM cannot fork. ``clone3`` fails with
+  ENOSYS (its flags are in memory, out of a filter's reach), so glibc falls back to clone.
+- Anything else traps (SECCOMP_RET_TRAP): the kernel does not run the call and sends SIGSYS with
+  the call's number in siginfo; our handler writes "syscall NR" on the report pipe to the
+  supervisor and exits with :data:`DIE_STATUS`, an exit_group argument the filter answers with
+  SECCOMP_RET_KILL_PROCESS -- so the process always dies *by SIGSYS*, and the supervisor names
+  the call. The handler is best effort (see ``install``): if it cannot report, the next
+  forbidden call kills the process all the same, reported as "a forbidden system call".
+  (Why not KILL_PROCESS for everything: then nobody learns which call it was. Why the
+  detour through exit_group: the VMM is PID 1 of its PID namespace, and the kernel ignores a
+  signal PID 1 sends itself.) Should the handler itself fail, SIGSYS is blocked while it runs,
+  and a blocked forced SIGSYS kills the process anyway.
+- A call made through another ABI (int 0x80, x32) kills the process at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from .config import JailError
+
+# System calls a jailed pykvm VMM makes after the filter is loaded (x86-64): the 25 seen by
+# tracing (README, "The jail": every bundled guest, --trace/--stats, a crash report, the console on
+# a pty, the small Linux with virtio disks, rng and console, and with the UART console), plus 3
+# from reading the code: fdatasync (virtio-blk without VIRTIO_BLK_F_FLUSH is write-through), brk
+# and mremap (glibc's malloc growing the heap or a large block). ioctl, clone and exit_group are
+# allowed with conditions on their arguments (see build).
+ALLOWED = (
+    # the exit loop, devices and the console: I/O on descriptors opened before the jail
+    "read", "write", "preadv2", "pwritev2", "fsync", "fdatasync", "close", "newfstatat", "poll", "pselect6",
+    # the interpreter: memory, threads, locks, time, signals, randomness (virtio-rng: os.urandom)
+    "mmap", "munmap", "mprotect", "madvise", "mremap", "brk",
+    "futex", "set_robust_list", "rseq", "clock_nanosleep",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "tgkill", "getpid", "gettid", "getrandom", "exit",
+)
+# KVM requests pykvm issues only while building the VM, before the jail: refused afterwards, so a
+# compromised VMM cannot make new VMs or vCPUs, or remap guest memory.
+KVM_SETUP_ONLY = {"KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM_CHECK_EXTENSION",
+                  "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU",
+                  "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR",
+                  "KVM_CREATE_IRQCHIP", "KVM_IRQFD", "KVM_CREATE_PIT2", "KVM_IOEVENTFD", "KVM_ENABLE_CAP",
+                  "KVM_SET_CPUID2"}
+# termios(3) requests (asm-generic/ioctls.h) the console issues on a terminal
+TERMINAL_IOCTLS = {"TCGETS": 0x5401, "TCSETSW": 0x5403, "TCSETSF": 0x5404}
+DIE_STATUS = 0x5ECC0   # exit_group(DIE_STATUS) is killed by the filter: death by SIGSYS
+CLONE_THREAD = 0x00010000
+ENOSYS = 38
+SIGSYS = 31
+
+
+def _binding():
+    try:
+        import pyseccomp
+        pyseccomp.system_arch()
+    except (ImportError, OSError, AttributeError) as e:
+        raise JailError(f"seccomp needs libseccomp and its Python binding pyseccomp ({e}); install "
+                        "libseccomp2 and `pip install pyseccomp`, or run with --seccomp off") from None
+    return pyseccomp
+
+
+def available() -> str | None:
+    """None if a filter can be built here, else why not."""
+    try:
+        _binding()
+    except JailError as e:
+        return str(e)
+    return None
+
+
+def kvm_ioctls() -> dict[str, int]:
+    """The KVM requests pykvm issues while a VM runs (pykvm.kvm.Ioctl without KVM_SETUP_ONLY):
+    name -> request number."""
+    from ..kvm import Ioctl
+    return {i.name: int(i) for i in Ioctl if i.name not in KVM_SETUP_ONLY}
+
+
+def build(mode: str = "kill"):
+    """The filter as a pyseccomp.SyscallFilter, not loaded. ``mode`` "kill" or "log" (every
+    call outside the list is allowed but logged by the kernel: for deriving the list)."""
+    sc = _binding()
+    default = sc.TRAP if mode == "kill" else sc.LOG
+    filt = sc.SyscallFilter(default)
+    filt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+    filt.set_attr(sc.Attr.CTL_TSYNC, 1)
+    for name in ALLOWED:
+        filt.add_rule(sc.ALLOW, name)
+    for request in sorted({*kvm_ioctls().values(), *TERMINAL_IOCTLS.values()}):
+        filt.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFF_FFFF, request))
+    filt.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
+    filt.add_rule(sc.ERRNO(ENOSYS), "clone3")
+    filt.add_rule(sc.ALLOW, "exit_group", sc.Arg(0, sc.NE, DIE_STATUS))
+    filt.add_rule(sc.KILL_PROCESS, "exit_group", sc.Arg(0, sc.EQ, DIE_STATUS))
+    return filt
+
+
+def counts() -> dict[str, int]:
+    """How much the filter allows: system calls, and ioctl requests (KVM, terminal)."""
+    return {"syscalls": len(ALLOWED) + 3, "kvm_ioctls": len(kvm_ioctls()), "terminal_ioctls": len(TERMINAL_IOCTLS)}
+
+
+def syscall_name(nr: int) -> str:
+    """The x86-64 name of system call ``nr`` ("socket"), or "syscall NR" if unknown."""
+    try:
+        sc = _binding()
+        return sc.resolve_syscall(sc.Arch.X86_64, nr).decode()
+    except Exception:
+        return f"syscall {nr}"
+
+
+# --- the SIGSYS handler ---------------------------------------------------------------------
+class _Sigaction(ctypes.Structure):   # glibc's struct sigaction on x86-64
+    _fields_ = [("sa_sigaction", ctypes.c_void_p), ("sa_mask", ctypes.c_ulong * 16),
+                ("sa_flags", ctypes.c_int), ("sa_restorer", ctypes.c_void_p)]
+
+
+SA_SIGINFO = 4
+SA_RESETHAND = 0x80000000
+_SIGSYS_SYSCALL_AT = 24     # siginfo_t: signo, errno, code, pad, then _sigsys {call_addr, syscall, arch}
+_HANDLER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_state: dict = {}
+
+
+def _on_sigsys(signum: int, info: int, context: int) -> None:
+    nr = ctypes.c_int.from_address(info + _SIGSYS_SYSCALL_AT).value
+    fd = _state.get("report_fd")
+    if fd is not None:
+        try:
+            os.write(fd, b"syscall %d\n" % nr)
+        except OSError:
+            pass
+    os._exit(DIE_STATUS)
+
+
+def install(report_fd: int | None, mode: str = "kill") -> None:
+    """Load the filter (all threads). With "kill", first install the SIGSYS handler that reports
+    the forbidden call on ``report_fd``. The calling process must have no_new_privs set."""
+    filt = build(mode)
+    if mode == "kill":
+        _state["report_fd"] = report_fd
+        _state["handler"] = handler = _HANDLER_TYPE(_on_sigsys)   # kept alive: libc holds its address
+        action = _Sigaction()
+        action.sa_sigaction = ctypes.cast(handler, ctypes.c_void_p).value
+        # SA_RESETHAND: should the handler ever return (it cannot run Python code in a thread that
+        # has no interpreter state yet), the next forbidden call finds SIGSYS at its default: death
+        action.sa_flags = SA_SIGINFO | SA_RESETHAND
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.sigaction(SIGSYS, ctypes.byref(action), None) != 0:
+            raise OSError(ctypes.get_errno(), "sigaction(SIGSYS)")
+    filt.load()

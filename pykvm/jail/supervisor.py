@@ -1,0 +1,285 @@
+"""Starting a process in a jail and watching it (:func:`spawn`).
+
+Three processes::
+
+    caller (P)      checks the config, forks the supervisor, reads its report, returns a JailResult
+      supervisor (S, root, host namespaces): creates the cgroup and the per-VM root, unshares the
+                      PID namespace, forks the VMM, waits for it, reads the kernel's verdict
+                      (exit status, SIGSYS + the call its handler reported, OOM kills in the
+                      cgroup), removes the cgroup and the root directory, reports to P
+        VMM (V, PID 1 of its namespace): joins the cgroup, closes inherited descriptors, runs
+                      ``target(entry)``: the target opens what it needs (/dev/kvm, the VM, its
+                      files) and calls ``entry.enter()`` before running anything untrusted
+
+The report travels as text lines over one pipe: V's SIGSYS handler and setup errors, and S's
+verdict. With ``daemonize`` S detaches (setsid, stdio on /dev/null) and P returns as soon as the
+VMM started; S still cleans up when it ends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import cgroups, credentials, fds, namespaces, rlimits, rootfs, seccomp
+from ._libc import PR_SET_PDEATHSIG, prctl
+from .config import UID_BASE, JailConfig, JailError
+
+M_ARENA_MAX = -8     # mallopt(3)
+
+
+@dataclass
+class JailResult:
+    """How a jailed process ended. ``status`` is its exit status if it exited; ``signal`` the
+    signal that killed it; ``syscall`` the forbidden system call's name when seccomp killed it;
+    ``oom_killed`` when the kernel killed it for its cgroup memory limit. ``peak_memory`` is the
+    cgroup's peak usage in bytes (None if unknown). With daemonize, only ``pid`` is set."""
+
+    pid: int
+    uid: int
+    gid: int
+    status: int | None = None
+    signal: int | None = None
+    syscall: str | None = None
+    oom_killed: bool = False
+    peak_memory: int | None = None
+
+    def describe(self) -> str:
+        """One sentence for a user: how the jailed VMM ended."""
+        if self.status is not None:
+            return f"the jailed VMM exited with status {self.status}"
+        if self.signal is None:
+            return "the jailed VMM is running"
+        if self.oom_killed:
+            return ("the jailed VMM was killed by its memory limit (the kernel's OOM killer acted in its "
+                    "cgroup; give it more with --memory)")
+        if self.signal == signal.SIGSYS:
+            what = f"a forbidden system call: {self.syscall}" if self.syscall else "a forbidden system call"
+            return f"the jailed VMM was killed by seccomp (SIGSYS) for {what}"
+        return f"the jailed VMM was killed by signal {signal.Signals(self.signal).name}"
+
+
+class Entry:
+    """Handed to the target inside the jail: call :meth:`enter` once everything is open."""
+
+    def __init__(self, config: JailConfig, root: str, uid: int, gid: int, report_fd: int) -> None:
+        self.config, self.root, self.uid, self.gid = config, root, uid, gid
+        self.report_fd = report_fd
+        self.entered = False
+
+    def enter(self) -> None:
+        """The remaining steps, in order: pre-import, namespaces (mount, IPC, UTS, network),
+        pivot into the per-VM root, resource limits, drop to uid/gid with no capabilities and
+        no_new_privs, then the seccomp filter. Raises JailError naming a step that failed."""
+        steps = [("pre-import", preload), ("namespaces", lambda: namespaces.enter(self.config.netns)),
+                 ("pivot_root", lambda: rootfs.pivot(self.root, self.config)),
+                 ("resource limits", lambda: rlimits.apply(self.config.resource_limits)),
+                 ("credentials", lambda: credentials.drop(self.uid, self.gid))]
+        if self.config.seccomp != "off":
+            steps.append(("seccomp", lambda: seccomp.install(self.report_fd, self.config.seccomp)))
+        for name, step in steps:
+            try:
+                step()
+            except JailError:
+                raise
+            except OSError as e:
+                raise JailError(f"entering the jail failed at its {name} step: {e}") from None
+        self.entered = True
+
+
+def preload() -> None:
+    """Import now what a VMM may need after the pivot, when no module file can be read: crash
+    reports (capstone and its shared library), tracing, tracebacks, the codecs Python looks up
+    lazily. Then seal the import system: only built-in and frozen modules can still be imported,
+    so a module nobody imported before is a plain ModuleNotFoundError -- never a file-system
+    lookup, which the seccomp filter would punish (capstone's ``Cs()`` tries ``from . import
+    ccapstone`` on every call and copes with its absence). Checked by tests/test_jail.py (a
+    jailed guest crash still prints its disassembly)."""
+    import encodings.idna  # noqa: F401
+    import encodings.latin_1  # noqa: F401
+    import json  # noqa: F401
+    import linecache  # noqa: F401
+    import traceback  # noqa: F401
+
+    import capstone  # noqa: F401  (loads libcapstone.so)
+
+    from ..debug import disasm, inside, report, stats  # noqa: F401
+    "".encode("ascii"), "".encode("latin-1"), b"".decode("utf-8", "replace")
+    # glibc's malloc, when a new thread needs an arena, counts CPUs by opening
+    # /sys/devices/system/cpu/online unless the number of arenas is fixed: fix it.
+    ctypes.CDLL(None).mallopt(M_ARENA_MAX, 4)
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if f in (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter)]
+    sys.path_importer_cache.clear()
+
+
+def check(config: JailConfig) -> cgroups.Hierarchy:
+    """Everything that can be refused before anything is created: JailError, status 2."""
+    config.check()
+    if os.geteuid() != 0:
+        raise JailError("building a jail needs root (namespaces, cgroups, mknod, pivot_root, setuid)")
+    if config.seccomp != "off":
+        why = seccomp.available()
+        if why:
+            raise JailError(why)
+    return cgroups.detect(version=config.cgroup_version)
+
+
+def spawn(config: JailConfig, target: Callable[[Entry], int], keep_fds: tuple[int, ...] = ()) -> JailResult:
+    """Run ``target(entry)`` in a jailed process and return how it ended (see the module doc).
+
+    The target returns the process's exit status; it must call ``entry.enter()`` first thing
+    after opening what it needs (a target that never enters is stopped with status 2). Raises
+    JailError (status 2) for bad input or a jail that could not be built; nothing is left behind
+    then. ``keep_fds`` are descriptors the jailed process keeps besides 0, 1 and 2."""
+    hierarchy = check(config)
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    caller = os.getpid()
+    pid = os.fork()
+    if pid == 0:   # the supervisor
+        code = 0
+        try:
+            os.close(read_end)
+            _supervise(config, hierarchy, target, write_end, keep_fds, caller)
+        except BaseException as e:
+            code = 2 if isinstance(e, JailError) else 4
+            text = str(e) if isinstance(e, JailError) else f"jail supervisor failed: {e!r}"
+            _send(write_end, "error", text.replace("\n", " "))
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        return _collect(read_end, pid, config.daemonize)
+    finally:
+        os.close(read_end)
+
+
+def _collect(read_end: int, pid: int, daemonize: bool) -> JailResult:
+    result: JailResult | None = None
+    error = None
+    with os.fdopen(os.dup(read_end), "r", errors="replace") as report:
+        for line in report:
+            key, _, value = line.rstrip("\n").partition(" ")
+            if key == "started":
+                vpid, uid, gid = (int(v) for v in value.split())
+                result = JailResult(vpid, uid, gid)
+                if daemonize:
+                    break
+            elif key == "error" and error is None:
+                error = value
+            elif result is None:
+                continue
+            elif key == "syscall":
+                result.syscall = seccomp.syscall_name(int(value)) + f" ({int(value)})"
+            elif key == "wait":
+                raw = int(value)
+                if os.WIFEXITED(raw):
+                    result.status = os.WEXITSTATUS(raw)
+                elif os.WIFSIGNALED(raw):
+                    result.signal = os.WTERMSIG(raw)
+            elif key == "oom":
+                result.oom_killed = int(value) > 0 and result.signal == signal.SIGKILL
+            elif key == "peak":
+                result.peak_memory = int(value)
+    if not daemonize:
+        os.waitpid(pid, 0)
+    if error is not None and (result is None or result.status == 2):
+        raise JailError(error)
+    if result is None:
+        raise JailError("the jail supervisor ended without starting the VMM")
+    return result
+
+
+def _send(fd: int, key: str, value: str) -> None:
+    try:
+        os.write(fd, f"{key} {value}\n".encode())
+    except OSError:
+        pass    # the caller is gone (daemonized, or it died): nobody to tell
+
+
+def _supervise(config, hierarchy, target, report_fd, keep_fds, caller: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the VMM's to handle; we clean up after
+    if config.daemonize:
+        os.setsid()
+        _stdio_to_null()
+    else:   # the caller killed (`timeout`, a test's subprocess timeout): end the VM, clean up
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != caller:
+            return
+    uid = config.uid if config.uid is not None else UID_BASE + os.getpid()
+    gid = config.gid if config.gid is not None else uid
+    cgroup = cgroups.Cgroup.create(hierarchy, config.id, config.memory, config.cpus, config.pids)
+    try:
+        root = rootfs.RootDir.create(config)
+        try:
+            if config.new_pid_ns:
+                namespaces.new_pid_namespace()
+            stops = {signal.SIGTERM, signal.SIGHUP}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+            vpid = os.fork()
+            if vpid == 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+                _vmm(config, cgroup, root.root, uid, gid, target, report_fd, keep_fds)
+            for signum in stops:    # stop the VMM; the cleanup below follows
+                signal.signal(signum, lambda *_: os.kill(vpid, signal.SIGKILL))
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            _send(report_fd, "started", f"{vpid} {uid} {gid}")
+            while True:
+                try:
+                    _, raw = os.waitpid(vpid, 0)
+                    break
+                except InterruptedError:
+                    continue
+            _send(report_fd, "wait", str(raw))
+            _send(report_fd, "oom", str(cgroup.oom_killed()))
+            peak = cgroup.usage().get("peak_memory")
+            if peak is not None:
+                _send(report_fd, "peak", str(peak))
+        finally:
+            root.remove()
+    finally:
+        cgroup.remove()
+
+
+def _vmm(config, cgroup, root, uid, gid, target, report_fd, keep_fds) -> None:
+    """The jailed process (never returns)."""
+    code = 4
+    try:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        cgroup.join()
+        fds.close_inherited({report_fd, *keep_fds})
+        entry = Entry(config, root, uid, gid, report_fd)
+        code = target(entry)
+        if not entry.entered:
+            raise JailError("the jailed target returned without entering the jail")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except JailError as e:
+        _send(report_fd, "error", str(e).replace("\n", " "))
+        code = 2
+    except BaseException:
+        traceback.print_exc()
+        code = 4
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os._exit(code)
+
+
+def _stdio_to_null() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
