@@ -20,7 +20,7 @@ from .boot.firmware import bundled_firmware, read_firmware
 from .boot.flat import load_flat
 from .boot.linux import linux_quirks
 from .console import HostConsole
-from .devices.virtio import attach_virtio, fast_path, linux_cmdline, parse_drive
+from .devices.virtio import attach_virtio, fast_path, linux_cmdline, parse_drive, parse_net
 from .errors import BootError, PykvmError, UsageError
 from .kvm.host import host_backend
 from .memory import GuestMemoryError, check_ram_size, parse_size
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     virtio.add_argument("--console", choices=["uart", "virtio"], default="uart",
                         help="where host input goes: the UART (default) or a virtio console, the guest's hvc0 "
                              "(its output is shown too; the UART stays)")
+    _add_net_option(virtio)
     see = run.add_argument_group("seeing inside (on stderr; see docs/walkthrough.md)")
     see.add_argument("--trace", action="store_true",
                      help="one line per VM exit: vCPU, reason, port/address, value, RIP, the instruction")
@@ -154,7 +155,7 @@ def cmd_run(args) -> int:
         firmware = read_firmware(args.firmware or str(bundled_firmware()))
     from .machine import Machine  # imports KVM bits only when a VM is really wanted
     with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware) as machine:
-        virtio = attach_virtio(machine, *_virtio_devices(args))
+        virtio = attach_virtio(machine, *_virtio_devices(args), nets=_nets(args))
         machine.load(plan)
         seeing = inside.attach(machine, debug_options)
         on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
@@ -172,6 +173,17 @@ def cmd_run(args) -> int:
 def _virtio_devices(args) -> tuple[list, bool, bool]:
     """(drives, rng, console) of --drive, --rng, --console virtio."""
     return [parse_drive(d) for d in args.drive], args.rng, args.console == "virtio"
+
+
+def _add_net_option(group) -> None:
+    group.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+                       help="a virtio-net card on the existing host TAP device NAME (repeatable; "
+                            "default MAC: a random locally administered one)")
+
+
+def _nets(args) -> list:
+    """The NetSpecs of --net (UsageError for a malformed one)."""
+    return [parse_net(text) for text in args.net]
 
 
 def _debug_options(args):
@@ -210,7 +222,7 @@ def _plan_for(args):
         load_addr = bundled.LOAD_ADDR if args.load_addr is None else args.load_addr
         initrd = _read(args.initrd, "initrd", args.mem) if args.initrd else b""
         quirks = "" if args.no_platform_quirks else linux_quirks(host_backend())
-        virtio_args = linux_cmdline(*_virtio_devices(args))   # virtio_mmio.device=... for Linux
+        virtio_args = linux_cmdline(*_virtio_devices(args), nets=_nets(args))   # virtio_mmio.device=... for Linux
         plan = load_kernel(_read(args.kernel, "kernel", args.mem), args.mem, name=args.kernel, cmdline=args.append,
                            initrd=initrd, modules=modules, mode=CpuMode(args.mode or "long64"),
                            load_addr=load_addr, linux_quirks=" ".join([*virtio_args, quirks]).strip())
