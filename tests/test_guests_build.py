@@ -33,12 +33,13 @@ EXPECTED = {
     "gdbtest.elf",
     "mbinfo.elf",
     "smp.elf",
+    "virtio-net.elf",
     "virtio-blk.elf",
     "virtio-console.elf",
     "virtio-rng.elf",
 }
 
-KERNELS = ("mbinfo.elf", "smp.elf", "virtio-blk.elf", "virtio-console.elf", "virtio-rng.elf")
+KERNELS = ("mbinfo.elf", "smp.elf", "virtio-net.elf", "virtio-blk.elf", "virtio-console.elf", "virtio-rng.elf")
 
 
 def images(folder: Path) -> dict[str, bytes]:
