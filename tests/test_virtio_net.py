@@ -253,6 +253,18 @@ def test_frame_larger_than_the_chain_is_dropped_never_written_past(net, mem):
     assert mem.read(gpa + HDR_SIZE + 100, 200 - HDR_SIZE - 100) == b"\xee" * (200 - HDR_SIZE - 100)
 
 
+def test_frame_longer_than_any_frame_may_be_is_dropped_not_cut(net, mem):
+    device, transport, tap = net
+    rx, _ = up(transport, mem, features=BASIC | VIRTIO_NET_F_MRG_RXBUF, size=64)
+    for _ in range(64):
+        rx.chain([], [2048])                            # 128 KiB of buffers: room for it
+    host_sends(tap, hdr() + frame(MAX_FRAME + 1))
+    host_sends(tap, hdr() + frame(60))
+    transport.process_queue(RECEIVEQ)
+    assert device.rx_dropped == 1
+    assert rx.take_used() == [(0, HDR_SIZE + 60)]
+
+
 def test_frame_larger_than_a_queue_of_buffers_is_dropped(net, mem):
     device, transport, tap = net
     rx, _ = up(transport, mem, features=BASIC | VIRTIO_NET_F_MRG_RXBUF, size=4)
