@@ -11,7 +11,7 @@ and boots the guest inside it with ``ip=192.0.2.2`` (kernel IP autoconfiguration
 
 Once the shell answers, three measurements, all driven from the host side inside the namespace:
 
-    ping       host -> guest, ``ping -c 10 -i 0.2``: the average round trip (ms)
+    ping       host -> guest, ``busybox ping -c 10 -i 0.2``: the average round trip (ms)
     to host    the guest pipes --mib MiB of zeros through busybox ``nc`` to a host listener,
                timed on the host from accept to end of stream
     to guest   the host sends --mib MiB to ``nc -l`` in the guest (output to /dev/null), timed
@@ -100,7 +100,7 @@ def one_run(name: str, cmd: list[str], mib: int) -> dict[str, float]:
             time.sleep(0.5)
             con.send("echo up-$((40+2))\n")
             con.wait_for(b"up-42", 60)
-            ping = ns.run(["ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST], timeout=60)
+            ping = ns.run(["busybox", "ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST], timeout=60)
             m = re.search(rb"= [\d.]+/([\d.]+)/", ping.stdout)
             if ping.returncode or not m:
                 raise RuntimeError(f"{name}: ping failed: {ping.stdout.decode()}{ping.stderr.decode()}")
