@@ -6,9 +6,9 @@ and boots the guest inside it with ``ip=192.0.2.2`` (kernel IP autoconfiguration
 * pykvm: ``pykvm run -k vmlinux-qemu -i initramfs.cpio --net tap=tap0``;
 * QEMU: ``-M microvm,acpi=off`` with ``-netdev tap,ifname=tap0,vhost=off`` and ``-device
   virtio-net-device`` (virtio-mmio, modern: ``-global virtio-mmio.force-legacy=false``), the flags
-  PLATFORM.md gives for this host. ``acpi=off`` because our kernel has no ACPI: with ACPI on,
-  microvm puts the virtio-mmio interrupts on a second I/O APIC that only ACPI describes; off, QEMU
-  announces the devices on the kernel command line (``virtio_mmio.device=``) with ISA interrupts.
+  PLATFORM.md gives for this host. ``acpi=off`` because our kernel has no ACPI: with microvm's
+  default (ACPI on) the guest's ping got no answer here; with it off, QEMU appends
+  ``virtio_mmio.device=512@0xfeb00e00:12`` to the command line and eth0 works (I/O APIC pin 12).
   Both boot the same kernel (guests/linux/build/vmlinux-qemu, which QEMU can run
   here) and initramfs with the same command line.
 

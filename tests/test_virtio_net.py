@@ -439,3 +439,12 @@ def test_ioctl_numbers_match_linux():
     # TUNSETVNETHDRSZ _IOW('T', 216, int)
     assert (tap_module.TUNSETIFF, tap_module.TUNSETOFFLOAD, tap_module.TUNSETVNETHDRSZ) == \
         (0x400454CA, 0x400454D0, 0x400454D8)
+
+
+def test_cards_come_after_the_other_devices_and_are_announced_to_linux():
+    from pykvm.devices.virtio import DriveSpec, fw_cfg_table, layout, linux_cmdline
+    args = linux_cmdline([DriveSpec("disk.img")], rng=True, nets=[NetSpec("tap0"), NetSpec("tap1")])
+    assert args == ["virtio_mmio.device=0x200@0xd0001000:5", "virtio_mmio.device=0x200@0xd0001200:6",
+                    "virtio_mmio.device=0x200@0xd0001400:7", "virtio_mmio.device=0x200@0xd0001600:9"]
+    table = fw_cfg_table(layout([2, 4, 1, 1]))
+    assert [struct.unpack_from("<QIHH", table, 16 * i)[3] for i in range(4)] == [2, 4, 1, 1]
