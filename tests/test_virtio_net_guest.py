@@ -90,3 +90,25 @@ def test_interface_that_is_not_a_tap_is_refused():
     with netns.Netns() as ns:
         r = ns.run([sys.executable, "-m", "pykvm", "run", "-k", str(GUEST), "--net", "tap=lo"], cwd=ROOT, timeout=60)
         assert r.returncode == 2 and b"lo is not a TAP device" in r.stderr, r.stderr
+
+
+BUSY = """
+import sys
+from pykvm.devices.tap import Tap, TapError
+first = Tap.open("tap0")
+try:
+    Tap.open("tap0")
+except TapError as e:
+    print(e.exit_status, e)
+first.close()
+again = Tap.open("tap0")           # free again once closed
+again.close()
+"""
+
+
+def test_tap_held_by_another_process_is_busy():
+    with netns.Netns() as ns:
+        ns.add_tap("tap0")
+        r = ns.run([sys.executable, "-c", BUSY], cwd=ROOT, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        assert r.stdout.decode().startswith("2 TAP tap0 is busy"), r.stdout
