@@ -10,6 +10,7 @@ import struct
 import time
 
 import pytest
+from conftest import needs_kvm, run_pykvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from virtio_driver import LevelLine, Rings, r, start, w
@@ -448,3 +449,13 @@ def test_cards_come_after_the_other_devices_and_are_announced_to_linux():
                     "virtio_mmio.device=0x200@0xd0001400:7", "virtio_mmio.device=0x200@0xd0001600:9"]
     table = fw_cfg_table(layout([2, 4, 1, 1]))
     assert [struct.unpack_from("<QIHH", table, 16 * i)[3] for i in range(4)] == [2, 4, 1, 1]
+
+
+@needs_kvm
+@pytest.mark.parametrize("value, message", [("tap0", "unknown or empty option 'tap0'"),
+                                            ("mac=02:00:00:00:00:01", "no TAP named"),
+                                            ("tap=t,mac=1:2", "not a MAC address")])
+def test_malformed_net_option_is_one_clear_error(value, message):
+    r = run_pykvm("run", "hello-long64", "--net", value, timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and message in err and "Traceback" not in err, err
