@@ -1,6 +1,7 @@
 /*
- * virtio.c - bare-metal virtio-mmio drivers: the virtio-blk, virtio-console
- * and virtio-rng test kernels (one source, VIRTIO_KIND picks the device).
+ * virtio.c - bare-metal virtio-mmio drivers: the virtio-net, virtio-blk,
+ * virtio-console and virtio-rng test kernels (one source, VIRTIO_KIND picks
+ * the device).
  *
  * Multiboot v1 kernels (ELF32 at 1 MiB, entered by virtio-entry.S in 32-bit
  * protected mode, paging off, interrupts off), written for `pykvm run -k` and
@@ -37,6 +38,15 @@
  *   "virtio-console: got <line>".
  * virtio-rng (exit 0x13, status 39): two 32-byte requests; the 64 bytes must
  *   have at least 8 distinct values and the two halves must differ.
+ * virtio-net (exit 0x14, status 41): accepts MAC only (no offloads, no
+ *   mergeable buffers), reads the MAC from the configuration space, offers
+ *   receive buffers and waits for a frame of EtherType 0x88b5 (IEEE local
+ *   experimental; other frames are skipped), checks its 12-byte header
+ *   (no flags, no GSO, num_buffers 1) and prints the frame in hex as
+ *   "virtio-net: got <len> <hex>". Then it sends its own frame, header and
+ *   frame in separate descriptors: broadcast destination, its MAC as source,
+ *   EtherType 0x88b5, "pykvm guest->host" and bytes (i * 7 + 3) & 0xff up to
+ *   byte i = 89 (90 bytes in all).
  * Failures print "<name>: FAIL <reason>" and exit with 0x70 + n (status 225+).
  *
  * Build: gcc -m32 -ffreestanding -O2 -fno-pic (see the Makefile).
@@ -45,15 +55,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define KIND_NET 1
 #define KIND_BLK 2
 #define KIND_CONSOLE 3
 #define KIND_RNG 4
 
 #ifndef VIRTIO_KIND
-#error "define VIRTIO_KIND (2 blk, 3 console, 4 rng)"
+#error "define VIRTIO_KIND (1 net, 2 blk, 3 console, 4 rng)"
 #endif
 
-#if VIRTIO_KIND == KIND_BLK
+#if VIRTIO_KIND == KIND_NET
+#define NAME "virtio-net"
+#elif VIRTIO_KIND == KIND_BLK
 #define NAME "virtio-blk"
 #elif VIRTIO_KIND == KIND_CONSOLE
 #define NAME "virtio-console"
@@ -458,9 +471,101 @@ static void check_interrupt(void)
                 fail(5, "InterruptStatus not cleared by InterruptACK");
 }
 
+/* ---- virtio-net ------------------------------------------------------------ */
+
+#if VIRTIO_KIND == KIND_NET
+
+#define F_NET_MAC (1ull << 5)
+#define NET_HDR 12                      /* virtio_net_hdr_v1 */
+#define ETHERTYPE_LOCAL 0x88b5
+#define RX_BUFS 4
+#define RX_LEN (NET_HDR + 1514)
+
+static struct vq rxq, txq;
+static uint8_t rxbuf[RX_BUFS][RX_LEN];
+static uint8_t txhdr[NET_HDR];
+static uint8_t txframe[90];
+
+static void offer_rx(uint16_t i)
+{
+        set_desc(&rxq.m->desc[i], (uint32_t)rxbuf[i], RX_LEN, D_WRITE, 0);
+        vq_offer(&rxq, i);
+}
+
+static void run(uint32_t mem_upper_kib)
+{
+        (void)mem_upper_kib;
+        find_device(KIND_NET);
+        virtio_init(F_NET_MAC);
+        if (!(features & F_NET_MAC))
+                fail(20, "no MAC feature");
+        uint8_t mac[6];
+        for (int i = 0; i < 6; i++)
+                mac[i] = *(volatile uint8_t *)(dev_base + R_CONFIG + i);
+        vq_setup(&rxq, 0, &qmem[0], 8);
+        vq_setup(&txq, 1, &qmem[1], 8);
+        for (uint16_t i = 0; i < RX_BUFS; i++)
+                offer_rx(i);
+        driver_ok();
+        vq_notify(&rxq);
+        puts(NAME ": mac ");
+        for (int i = 0; i < 6; i++) {
+                puthex(mac[i], 2);
+                putc(i < 5 ? ':' : '\n');
+        }
+
+        /* Receive until a frame of our EtherType arrives; give the others back. */
+        uint32_t id, len;
+        uint8_t *f;
+        for (uint32_t frames = 0;; frames++) {
+                if (frames == 1000)
+                        fail(21, "no frame of EtherType 0x88b5 among 1000");
+                len = vq_wait(&rxq, &id);
+                if (id >= RX_BUFS || len > RX_LEN)
+                        fail(21, "bad used entry");
+                f = rxbuf[id];
+                if (len >= NET_HDR + 14 && f[NET_HDR + 12] == 0x88 && f[NET_HDR + 13] == 0xb5)
+                        break;
+                offer_rx((uint16_t)id);
+                vq_notify(&rxq);
+        }
+        if (f[0] != 0 || f[1] != 0 || f[10] != 1 || f[11] != 0)
+                fail(22, "receive header: flags, gso_type or num_buffers wrong");
+        puts(NAME ": got ");
+        putdec(len - NET_HDR);
+        putc(' ');
+        for (uint32_t i = NET_HDR; i < len; i++)
+                puthex(f[i], 2);
+        putc('\n');
+
+        /* Send our frame: header and frame in two descriptors. */
+        static const char text[] = "pykvm guest->host";
+        for (uint32_t i = 0; i < sizeof(txframe); i++)
+                txframe[i] = (uint8_t)((i * 7 + 3) & 0xff);
+        for (int i = 0; i < 6; i++) {
+                txframe[i] = 0xff;
+                txframe[6 + i] = mac[i];
+        }
+        txframe[12] = 0x88;
+        txframe[13] = 0xb5;
+        for (uint32_t i = 0; i < sizeof(text) - 1; i++)
+                txframe[14 + i] = (uint8_t)text[i];
+        memset(txhdr, 0, sizeof(txhdr));
+        set_desc(&txq.m->desc[0], (uint32_t)txhdr, NET_HDR, D_NEXT, 1);
+        set_desc(&txq.m->desc[1], (uint32_t)txframe, sizeof(txframe), 0, 0);
+        vq_offer(&txq, 0);
+        vq_notify(&txq);
+        vq_wait(&txq, 0);
+        check_interrupt();
+        puts(NAME ": sent ");
+        putdec(sizeof(txframe));
+        puts("\n" NAME ": ok\n");
+        finish(0x14);
+}
+
 /* ---- virtio-blk ------------------------------------------------------------ */
 
-#if VIRTIO_KIND == KIND_BLK
+#elif VIRTIO_KIND == KIND_BLK
 
 #define F_BLK_RO (1ull << 5)
 #define F_BLK_FLUSH (1ull << 9)

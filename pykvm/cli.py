@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     virtio.add_argument("--console", choices=["uart", "virtio"], default="uart",
                         help="where host input goes: the UART (default) or a virtio console, the guest's hvc0 "
                              "(its output is shown too; the UART stays)")
+    _add_net_option(virtio)
     see = run.add_argument_group("seeing inside (on stderr; see docs/walkthrough.md)")
     see.add_argument("--trace", action="store_true",
                      help="one line per VM exit: vCPU, reason, port/address, value, RIP, the instruction")
@@ -259,7 +260,8 @@ def _boot(args, plan, firmware, inside, debug_options, before_run=None) -> int:
             machine.uart.set_output(output.write, output.room)
             output.add_listener(machine.uart.host_ready)
             from .devices.virtio import attach_virtio
-            virtio = attach_virtio(machine, *_virtio_devices(args), console_out=output.write)
+            virtio = attach_virtio(machine, *_virtio_devices(args), console_out=output.write,
+                                   nets=_nets(args))
             if virtio.console is not None:
                 virtio.console.set_output(output.write, output.room)
                 output.add_listener(virtio.console.host_ready)
@@ -295,6 +297,18 @@ def _virtio_devices(args) -> tuple[list, bool, bool]:
     """(drives, rng, console) of --drive, --rng, --console virtio."""
     from .devices.virtio import parse_drive  # loads the KVM binding: only when a VM is wanted
     return [parse_drive(d) for d in args.drive], args.rng, args.console == "virtio"
+
+
+def _add_net_option(group) -> None:
+    group.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+                       help="a virtio-net card on the existing host TAP device NAME (repeatable; "
+                            "default MAC: a random locally administered one)")
+
+
+def _nets(args) -> list:
+    """The NetSpecs of --net (UsageError for a malformed one)."""
+    from .devices.virtio import parse_net
+    return [parse_net(text) for text in args.net]
 
 
 def _debug_options(args):
@@ -334,7 +348,7 @@ def _plan_for(args):
         initrd = _read(args.initrd, "initrd", args.mem) if args.initrd else b""
         quirks = "" if args.no_platform_quirks else linux_quirks(host_backend())
         from .devices.virtio import linux_cmdline
-        virtio_args = linux_cmdline(*_virtio_devices(args))   # virtio_mmio.device=... for Linux
+        virtio_args = linux_cmdline(*_virtio_devices(args), nets=_nets(args))   # virtio_mmio.device=... for Linux
         plan = load_kernel(_read(args.kernel, "kernel", args.mem), args.mem, name=args.kernel, cmdline=args.append,
                            initrd=initrd, modules=modules, mode=CpuMode(args.mode or "long64"),
                            load_addr=load_addr, linux_quirks=" ".join([*virtio_args, quirks]).strip())

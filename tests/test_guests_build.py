@@ -36,12 +36,14 @@ EXPECTED = {
     "mbinfo.elf",
     "smp.elf",
     "rtc.elf",
+    "virtio-net.elf",
     "virtio-blk.elf",
     "virtio-console.elf",
     "virtio-rng.elf",
 }
 
-KERNELS = ("mbinfo.elf", "smp.elf", "rtc.elf", "virtio-blk.elf", "virtio-console.elf", "virtio-rng.elf")
+KERNELS = ("mbinfo.elf", "smp.elf", "rtc.elf", "virtio-net.elf", "virtio-blk.elf", "virtio-console.elf",
+           "virtio-rng.elf")
 
 
 def images(folder: Path) -> dict[str, bytes]:

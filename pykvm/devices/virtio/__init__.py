@@ -1,13 +1,14 @@
 """virtio devices on a Machine: where they sit, how guests learn of them, and the fast path.
 
 The pieces: :mod:`.queue` (split virtqueues), :mod:`.mmio` (the virtio-mmio transport) and one
-file per device (:mod:`.blk`, :mod:`.console`, :mod:`.rng`). This module places them and wires
+file per device (:mod:`.blk`, :mod:`.console`, :mod:`.rng`, :mod:`.net`). This module places them and wires
 them to KVM; the CLI calls :func:`linux_cmdline` (before the boot plan is made) and
 :func:`attach_virtio` (once the Machine exists).
 
 Placement. Devices take 0x200-byte windows in the MMIO hole from :data:`MMIO_BASE`
 (0xd0001000; the MMIO test device has 0xd0000000-0xd0000fff) upwards, in the order: drives
-(``--drive``, in command-line order), the console, the entropy device. Each gets its own ISA
+(``--drive``, in command-line order), the console, the entropy device, the network cards
+(``--net``, in command-line order). Each gets its own ISA
 interrupt from :data:`IRQS` (5, 6, 7, 9, 10, 11, 12, 14, 15: from 5 up, skipping COM1's 4, the
 RTC's 8 and the FPU's 13), edge-triggered as the MP table declares every ISA interrupt.
 
@@ -21,7 +22,7 @@ Announcement.
       le64 base   guest-physical address of the register window
       le32 size   its length (0x200)
       le16 irq    the ISA interrupt (I/O APIC pin / 8259 line)
-      le16 type   the virtio device ID (2 block, 3 console, 4 entropy)
+      le16 type   the virtio device ID (1 network, 2 block, 3 console, 4 entropy)
 
   The number of devices is the file size / 16. (fw_cfg's own directory is big-endian; this file
   is little-endian, like the devices it describes.)
@@ -57,6 +58,7 @@ from ...kvm.irq import IrqfdLine, IrqLine, KvmIrqLine
 from .blk import Block
 from .console import VirtioConsole
 from .mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioDevice, VirtioMmio
+from .net import Net
 from .rng import Entropy
 
 MMIO_BASE = 0xD000_1000
@@ -65,8 +67,9 @@ FW_CFG_FILE = "etc/pykvm/virtio-mmio"
 FW_CFG_RECORD = struct.Struct("<QIHH")     # base, size, irq, device type
 FASTPATH_ENV = "PYKVM_VIRTIO_FASTPATH"
 
-__all__ = ["Block", "VirtioConsole", "DriveSpec", "Entropy", "FastPath", "Slot", "VirtioMmio", "VirtioSet",
-           "attach_virtio", "fast_path", "fw_cfg_table", "layout", "linux_cmdline", "parse_drive"]
+__all__ = ["Block", "VirtioConsole", "DriveSpec", "Entropy", "FastPath", "Net", "NetSpec", "Slot", "VirtioMmio",
+           "VirtioSet", "attach_virtio", "fast_path", "fw_cfg_table", "layout", "linux_cmdline", "parse_drive",
+           "parse_net"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,51 @@ def parse_drive(text: str) -> DriveSpec:
 
 
 @dataclass(frozen=True)
+class NetSpec:
+    """One ``--net tap=NAME[,mac=MAC]``: the host TAP and the guest's MAC (None: a random one)."""
+
+    tap: str
+    mac: bytes | None = None
+
+
+def parse_mac(text: str) -> bytes:
+    """``52:54:00:12:34:56`` (or with ``-``) -> 6 bytes. Raises UsageError for anything else, and
+    for a multicast address (bit 0 of the first octet), which no card may own."""
+    parts = text.replace("-", ":").split(":")
+    try:
+        if len(parts) != 6 or not all(1 <= len(p) <= 2 for p in parts):
+            raise ValueError
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a MAC address (six hex octets, e.g. 02:00:00:00:00:01)") from None
+    if mac[0] & 1:
+        raise UsageError(f"MAC address {text} is a multicast address; a card needs a unicast one "
+                         "(even first octet)")
+    return mac
+
+
+def parse_net(text: str) -> NetSpec:
+    """``tap=NAME`` or ``tap=NAME,mac=MAC`` -> NetSpec. Raises UsageError."""
+    tap = mac = None
+    for option in text.split(","):
+        key, eq, value = option.partition("=")
+        if key == "tap" and eq and value:
+            tap = value
+        elif key == "mac" and eq:
+            mac = parse_mac(value)
+        else:
+            raise UsageError(f"--net {text}: unknown or empty option {option!r} (tap=NAME[,mac=MAC])")
+    if tap is None:
+        raise UsageError(f"--net {text}: no TAP named (tap=NAME[,mac=MAC])")
+    return NetSpec(tap, mac)
+
+
+def random_mac() -> bytes:
+    """A random locally administered unicast MAC (first octet 0x02 set, 0x01 clear)."""
+    return bytes([0x02]) + os.urandom(5)
+
+
+@dataclass(frozen=True)
 class Slot:
     """Where one device sits: its register window, interrupt and virtio device type."""
 
@@ -109,13 +157,16 @@ def layout(device_ids: Sequence[int]) -> list[Slot]:
     return [Slot(MMIO_BASE + i * MMIO_SIZE, MMIO_SIZE, IRQS[i], dev) for i, dev in enumerate(device_ids)]
 
 
-def _device_ids(drives: Sequence[DriveSpec], rng: bool, console: bool) -> list[int]:
-    return [Block.device_id] * len(drives) + [VirtioConsole.device_id] * console + [Entropy.device_id] * rng
+def _device_ids(drives: Sequence[DriveSpec], rng: bool, console: bool, nets: Sequence[NetSpec] = ()) -> list[int]:
+    return ([Block.device_id] * len(drives) + [VirtioConsole.device_id] * console + [Entropy.device_id] * rng
+            + [Net.device_id] * len(nets))
 
 
-def linux_cmdline(drives: Sequence[DriveSpec] = (), rng: bool = False, console: bool = False) -> list[str]:
+def linux_cmdline(drives: Sequence[DriveSpec] = (), rng: bool = False, console: bool = False,
+                  nets: Sequence[NetSpec] = ()) -> list[str]:
     """The kernel parameters that announce these devices to Linux."""
-    args = [f"virtio_mmio.device={s.size:#x}@{s.base:#x}:{s.irq}" for s in layout(_device_ids(drives, rng, console))]
+    slots = layout(_device_ids(drives, rng, console, nets))
+    args = [f"virtio_mmio.device={s.size:#x}@{s.base:#x}:{s.irq}" for s in slots]
     if console:
         args.append("console=hvc0")
     return args
@@ -211,6 +262,9 @@ class VirtioSet:
         for thread in self._threads:
             thread.stop()
         self._threads = []
+        for device in self.devices:
+            if isinstance(device, Net):
+                device.stop()          # its receive thread, before the transports close
         for transport in self.transports:
             transport.close()
         for device in self.devices:
@@ -227,14 +281,15 @@ def _report(name: str, slot: Slot) -> Callable[[str], None]:
 
 
 def attach_virtio(machine, drives: Sequence[DriveSpec] = (), rng: bool = False, console: bool = False,
-                  console_out: Callable[[bytes], None] | None = None) -> VirtioSet:
+                  console_out: Callable[[bytes], None] | None = None, *,
+                  nets: Sequence[NetSpec] = ()) -> VirtioSet:
     """Create the devices, attach them to ``machine``'s MMIO bus, offer the fw_cfg table, set
     up the fast path, and have the machine stop them when it closes.
 
     ``console_out`` receives the virtio console's output (default: stdout). Returns the
     :class:`VirtioSet`; its ``cmdline`` is what :func:`linux_cmdline` gives for the same
-    devices. Raises UsageError for a drive that cannot be opened."""
-    slots = layout(_device_ids(drives, rng, console))    # too many devices: refused before opening any
+    devices. Raises UsageError for a drive or a TAP (``nets``) that cannot be opened."""
+    slots = layout(_device_ids(drives, rng, console, nets))    # too many devices: refused before opening any
     devices: list[VirtioDevice] = []
     try:
         for spec in drives:
@@ -243,6 +298,7 @@ def attach_virtio(machine, drives: Sequence[DriveSpec] = (), rng: bool = False, 
             except OSError as e:
                 raise UsageError(f"cannot open drive {spec.path}"
                                  f"{' read-only' if spec.readonly else ''}: {e.strerror}") from None
+        net_devices = _open_nets(nets)
     except BaseException:
         for device in devices:
             device.close()
@@ -252,8 +308,9 @@ def attach_virtio(machine, drives: Sequence[DriveSpec] = (), rng: bool = False, 
         devices.append(console_dev)
     if rng:
         devices.append(Entropy())
+    devices.extend(net_devices)
     fast = fast_path(machine.kvm, machine.irqchip)
-    result = VirtioSet(slots, [], fast, linux_cmdline(drives, rng, console), console_dev, devices)
+    result = VirtioSet(slots, [], fast, linux_cmdline(drives, rng, console, nets), console_dev, devices)
     machine.on_close(result.close)
     for device, slot in zip(devices, slots, strict=True):
         transport = VirtioMmio(device, machine.memory, _irq_line(machine, slot.irq, fast, result),
@@ -262,9 +319,25 @@ def attach_virtio(machine, drives: Sequence[DriveSpec] = (), rng: bool = False, 
         machine.mmio.attach(transport, slot.base, slot.size)
         if fast.ioeventfd:
             _use_ioeventfds(machine.vm, transport, slot, result)
+    for device in net_devices:
+        device.start()
     if slots:
         machine.fw_cfg.add_file(FW_CFG_FILE, fw_cfg_table(slots))
     return result
+
+
+def _open_nets(nets: Sequence[NetSpec]) -> list[Net]:
+    """A Net on each TAP; closes those opened if a later one fails (TapError, status 2)."""
+    from ..tap import Tap
+    opened: list[Net] = []
+    try:
+        for spec in nets:
+            opened.append(Net(Tap.open(spec.tap), spec.mac or random_mac()))
+    except BaseException:
+        for device in opened:
+            device.close()
+        raise
+    return opened
 
 
 def _irq_line(machine, irq: int, fast: FastPath, result: VirtioSet) -> IrqLine:
