@@ -93,9 +93,10 @@ INTERFACE_CLOCK_HIGH = 0x02
 
 
 class _Port:
-    """One of the controller's two ports, as a bus device."""
+    """One of the controller's two ports, as a bus device (``controller`` is the I8042 it belongs to)."""
 
-    def __init__(self, read: Callable[[], int], write: Callable[[int], None]) -> None:
+    def __init__(self, controller: I8042, read: Callable[[], int], write: Callable[[int], None]) -> None:
+        self.controller = controller
         self._read = read
         self._write = write
 
@@ -119,8 +120,8 @@ class I8042:
         self._a2 = False           # last write was to the command port
         self._pending: int | None = None   # a command waiting for its data byte
         self._lock = threading.Lock()
-        self.data = _Port(self.read_data, self.write_data)
-        self.command = _Port(self.read_status, self.write_command)
+        self.data = _Port(self, self.read_data, self.write_data)
+        self.command = _Port(self, self.read_status, self.write_command)
 
     @property
     def command_byte(self) -> int:
@@ -197,3 +198,38 @@ class I8042:
     def _respond(self, value: int) -> None:
         self._out = value
         self._obf = True
+
+    # ---- snapshots ------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """The controller's registers as plain data (for a snapshot): internal RAM (the command byte is byte 0),
+        output port, output buffer and its full flag, the A2 flag and a command waiting for its data byte."""
+        with self._lock:
+            return {"ram": self._ram.hex(), "output_port": self._output_port, "obf": self._obf, "out": self._out,
+                    "a2": self._a2, "pending": self._pending}
+
+    def load_state(self, state: dict) -> None:
+        """Take the registers from :meth:`state`'s record; ValueError if a field is missing or out of range."""
+        try:
+            ram = bytes.fromhex(state["ram"])
+            values = [state["output_port"], state["out"]]
+            pending = state["pending"]
+            flags = [state["obf"], state["a2"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"i8042 state is malformed: {e!r}") from None
+        if (len(ram) != 32 or not all(type(v) is int and 0 <= v <= 0xFF for v in values)
+                or not all(type(f) is bool for f in flags)
+                or not (pending is None or (type(pending) is int and 0 <= pending <= 0xFF))):
+            raise ValueError("i8042 state is malformed: a register is out of range")
+        with self._lock:
+            self._ram[:] = ram
+            self._output_port, self._out = values
+            self._obf, self._a2 = flags
+            self._pending = pending
+
+    @classmethod
+    def from_state(cls, state: dict, on_reset: Callable[[], None]) -> I8042:
+        """A controller in the state :meth:`state` recorded, with its host hook."""
+        controller = cls(on_reset)
+        controller.load_state(state)
+        return controller
