@@ -57,7 +57,7 @@ def test_corrupt_truncated_and_mismatched_snapshots_are_refused(paused_snapshot,
     body = read_state(state)
     body["machine"]["vcpu_count"] = 2
     write_state(str(two_cpus), body)
-    cases = [(str(corrupt), mem, "checksum"), (state, str(short_mem), "truncated"),
+    cases = [(str(corrupt), mem, "checksum of its state does not match"), (state, str(short_mem), "truncated"),
              (str(two_cpus), mem, "malformed"), (mem, mem, "not a pykvm snapshot")]
     for state_path, mem_path, words in cases:
         r = run_pykvm("run", "--restore", state_path, "--mem-file", mem_path)

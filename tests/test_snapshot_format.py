@@ -30,7 +30,7 @@ def test_round_trip(tmp_path):
     (lambda b: b[:HEADER.size - 1], "truncated"),
     (lambda b: b[:-3], "truncated"),
     (lambda b: b + b"x", "appended"),
-    (lambda b: b[:-2] + bytes([b[-2] ^ 1]) + b[-1:], "checksum"),
+    (lambda b: b[:-2] + bytes([b[-2] ^ 1]) + b[-1:], "checksum of its state does not match"),
     (lambda b: b"NOTASNAP" + b[8:], "not a pykvm snapshot"),
     (lambda b: b[:8] + struct.pack("<I", FORMAT_VERSION + 1) + b[12:], f"version {FORMAT_VERSION + 1}"),
 ])
