@@ -4,9 +4,9 @@ corrupt, truncated or mismatched without harming the VM, and diff snapshots over
 from __future__ import annotations
 
 import pytest
-
 from api_helpers import VmmProcess, assert_continuous, counting, start_counting
 from conftest import needs_kvm, run_pykvm
+
 from pykvm.snapshot import read_state, write_state
 from pykvm.snapshot.machine_state import apply_diff
 

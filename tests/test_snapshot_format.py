@@ -114,3 +114,25 @@ def test_malformed_device_state_is_refused_and_changes_nothing(device, bad):
     with pytest.raises(ValueError):
         device.load_state(bad)
     assert device.state() == before
+
+
+class _Pulses:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def pulse(self) -> None:
+        self.count += 1
+
+
+def test_ctrl_alt_del_is_typed_through_the_output_buffer_with_irq1():
+    kbc = I8042(on_reset=lambda: None)
+    kbc.keyboard_irq = irq = _Pulses()
+    kbc.send_ctrl_alt_del()
+    got = []
+    while kbc.read_status() & 0x01:
+        got.append(kbc.read_data())
+    assert got == [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]   # set 1: the controller translates
+    assert irq.count == len(got)
+    kbc.write_command(0xAD)          # keyboard disabled: nothing is typed
+    kbc.send_ctrl_alt_del()
+    assert not kbc.read_status() & 0x01

@@ -376,6 +376,9 @@ class Vmm:
         from ..snapshot.machine_state import devices
         for device in devices(self.machine).values():
             if hasattr(device, "send_ctrl_alt_del"):
+                if self.machine.irqchip and device.keyboard_irq is None:
+                    from ..kvm.irq import KvmIrqLine
+                    device.keyboard_irq = KvmIrqLine(self.machine.vm, 1)   # the PC's keyboard interrupt
                 device.send_ctrl_alt_del()
                 return
         raise ApiError("this microVM has no i8042 keyboard controller to send Ctrl+Alt+Del through")
