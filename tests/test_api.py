@@ -130,3 +130,16 @@ def test_bad_config_file_is_one_clear_error(tmp_path):
     r = run_pykvm("run", "--config-file", str(config))
     assert r.returncode == 2
     assert b"mem_size_mib" in r.stderr and b"Traceback" not in r.stderr
+
+
+@needs_kvm
+def test_a_thousand_pause_resume_cycles_lose_and_repeat_nothing(vmm):
+    start_counting(vmm)
+    vmm.wait_output(2)
+    c = vmm.client
+    for _ in range(1000):
+        assert c.patch("/vm", json={"state": "Paused"}).status_code == 204
+        assert c.patch("/vm", json={"state": "Resumed"}).status_code == 204
+    vmm.wait_output(vmm.output().count("\n") + 3)
+    assert c.get("/").json()["state"] == "Running"
+    assert_continuous(counting(vmm.output()))
