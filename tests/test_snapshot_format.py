@@ -16,7 +16,8 @@ from pykvm.devices.sink import Sink
 from pykvm.snapshot import FORMAT_VERSION, SnapshotError, read_state, write_state
 from pykvm.snapshot.format import HEADER
 
-STATE = {"machine": {"mem_size": 1 << 20}, "vcpus": [{"regs": "AAAA"}]}
+STATE = {"machine": {"mem_size": 1 << 20}, "vcpus": [{"regs": bytes(range(200)), "msrs": [[16, 5]]}],
+         "devices": {"pio:0x510": {"items": {"17": b"kernel" * 1000, "0": b""}}}}
 
 
 def test_round_trip(tmp_path):
@@ -24,6 +25,14 @@ def test_round_trip(tmp_path):
     size = write_state(str(path), STATE)
     assert path.stat().st_size == size
     assert read_state(str(path)) == STATE
+    assert size < 6000 + 200 + HEADER.size + 400    # binary data is stored as itself, not as text
+
+
+def test_a_blob_reference_outside_the_file_is_refused(tmp_path):
+    path = tmp_path / "vm.state"
+    write_state(str(path), {"x": {"$blob": [0, 10]}})
+    with pytest.raises(SnapshotError, match="outside the file"):
+        read_state(str(path))
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -103,6 +112,7 @@ def test_small_devices_round_trip():
     (I8042(on_reset=lambda: None), {"ram": "00" * 32, "output_port": 300, "obf": False, "out": 0, "a2": False,
                                     "pending": None}),
     (FwCfg(ram_size=1 << 20, nb_cpus=1, max_cpus=1), {"items": {"1": "zz"}, "files": {}, "key": 0, "offset": 0}),
+    (FwCfg(ram_size=1 << 20, nb_cpus=1, max_cpus=1), {"items": {"1": b""}, "files": {}, "key": 1 << 16, "offset": 0}),
     (PciConfigIo(), {"address": 3}),
     (MmioTestDevice(), {"scratch": -1, "writes": 0}),
     (PowerOff(on_poweroff=lambda: None), {"matched": 8}),

@@ -152,17 +152,17 @@ class FwCfg:
 
     # ---- snapshots ------------------------------------------------------------------------
     def state(self) -> dict:
-        """Every item (hex), the file names with their keys, the selected key and the read offset, as plain data
-        (for a snapshot). The kernel and initrd items make this as large as they are."""
+        """Every item (bytes), the file names (hex) with their keys, the selected key and the read offset, as plain
+        data (for a snapshot). The kernel and initrd items make this as large as they are."""
         with self._lock:
-            return {"items": {str(k): v.hex() for k, v in self._items.items()},
+            return {"items": {str(k): v for k, v in self._items.items()},
                     "files": {name.hex(): key for name, key in self._files.items()},
                     "key": self._key, "offset": self._offset}
 
     def load_state(self, state: dict) -> None:
         """Take the items and registers from :meth:`state`'s record; ValueError if it is malformed."""
         try:
-            items = {int(k): bytes.fromhex(v) for k, v in state["items"].items()}
+            items = {int(k): _as_bytes(v) for k, v in state["items"].items()}
             files = {bytes.fromhex(name): key for name, key in state["files"].items()}
             key, offset = state["key"], state["offset"]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -180,3 +180,9 @@ class FwCfg:
         device = cls(ram_size=0, nb_cpus=1, max_cpus=1)
         device.load_state(state)
         return device
+
+
+def _as_bytes(value) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"a fw_cfg item must be bytes, not {type(value).__name__}")
+    return value

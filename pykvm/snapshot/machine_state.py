@@ -6,13 +6,12 @@ has no XSAVE), XCRs, debug registers, LAPIC (with an in-kernel irqchip), the MSR
 (api.rst: MSRs and sregs before the LAPIC, events last). VM state: the PIC master and slave, the IOAPIC and the
 PIT (with an in-kernel irqchip) and the KVM clock. Device state: each device's ``state()``, keyed by bus and base.
 
-Binary KVM structures travel as base64 of their exact bytes: their layouts are proven against the kernel's
-headers by tests/test_abi.py, and a restore on another layout is refused by the format version.
+Binary KVM structures travel as their exact bytes (blobs of the state file): their layouts are proven against the
+kernel's headers by tests/test_abi.py, and a restore on another layout is refused by the format version.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 
@@ -24,15 +23,13 @@ from .format import SnapshotError
 _CHIPS = (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
 
 
-def _blob(cdata) -> str:
-    return base64.b64encode(ffi.buffer(cdata)).decode()
+def _blob(cdata) -> bytes:
+    return bytes(ffi.buffer(cdata))
 
 
-def _unblob(ctype: str, text, what: str):
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (TypeError, ValueError):
-        raise SnapshotError(f"the snapshot's {what} is not valid base64") from None
+def _unblob(ctype: str, raw, what: str):
+    if not isinstance(raw, bytes):
+        raise SnapshotError(f"the snapshot's {what} is not binary data")
     if len(raw) != ffi.sizeof(ctype):
         raise SnapshotError(f"the snapshot's {what} is {len(raw)} bytes, not the {ffi.sizeof(ctype)} of {ctype}")
     cdata = ffi.new(f"{ctype} *")
