@@ -293,6 +293,15 @@ def _add_api_options(run, sub) -> None:
     vmm.add_argument("-q", "--quiet", action="store_true", help="do not print how the run ended")
 
 
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM ends a VMM as Ctrl-C does (status 130): the run ends, the API socket file is removed."""
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def _api_serial(args):
     """With --api-sock, the guest's serial output also goes to a ring that GET /pykvm/console serves."""
     if getattr(args, "api_sock", None) is None:
@@ -309,6 +318,7 @@ def _api_while_running(args, machine, serial):
         return contextlib.nullcontext()
     from .api.controller import Vmm
     from .api.server import ApiServer
+    _terminate_like_ctrl_c()
     stack = contextlib.ExitStack()
     vmm = Vmm(args.id, machine=machine)
     vmm.serial = serial
@@ -351,15 +361,12 @@ def _serve_vmm(args, actions: list) -> int:
     """Run a Vmm: apply ``actions`` (a config file, a snapshot load), serve the API if asked, run the machine on
     this (the main) thread until the guest ends."""
     import contextlib
-    import signal
 
     from .api import controller as c
     from .api.server import ApiServer
     from .console import stdout_write
 
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, _terminate)
+    _terminate_like_ctrl_c()
     vmm = c.Vmm(args.id, serial_out=stdout_write)
     try:
         with ApiServer(vmm, args.api_sock) if args.api_sock else contextlib.nullcontext():

@@ -143,3 +143,35 @@ def test_a_thousand_pause_resume_cycles_lose_and_repeat_nothing(vmm):
     vmm.wait_output(vmm.output().count("\n") + 3)
     assert c.get("/").json()["state"] == "Running"
     assert_continuous(counting(vmm.output()))
+
+
+@needs_kvm
+def test_run_with_api_sock_serves_the_running_guest(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from api_helpers import COUNT_GUEST, ROOT
+    sock = tmp_path / "run.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", str(COUNT_GUEST), "--api-sock", str(sock),
+                             "--timeout", "60"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost") as c:
+            assert c.get("/").json()["state"] == "Running"
+            assert "before the microVM starts" in fault(c.put("/machine-config", json={"vcpu_count": 1,
+                                                                                      "mem_size_mib": 64}))
+            assert c.patch("/vm", json={"state": "Paused"}).status_code == 204
+            assert c.get("/").json()["state"] == "Paused"
+            assert c.patch("/vm", json={"state": "Resumed"}).status_code == 204
+            assert c.get("/pykvm/stats").json()["reasons"]["IO"]["count"] > 0
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert not sock.exists()                     # the socket goes with the VMM
+    assert_continuous(counting(out.decode()))

@@ -183,7 +183,11 @@ class Vmm:
         """Take a machine built elsewhere (`pykvm run --api-sock`), already loaded: it runs at once."""
         from ..snapshot.pause import PauseControl
         self.machine = machine
-        self.pause_control = PauseControl.install(machine)
+        try:
+            self.pause_control = PauseControl.install(machine)
+        except ValueError as e:
+            from ..errors import UsageError
+            raise UsageError(f"--api-sock: {e}") from None
         self.machine_config = models.MachineConfiguration(vcpu_count=len(machine.vcpus),
                                                           mem_size_mib=machine.memory.size >> 20)
         self.state = RUNNING
