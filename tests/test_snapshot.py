@@ -128,3 +128,24 @@ def test_diff_snapshot_writes_only_dirty_pages_and_restores_over_the_full_one(tm
     r = run_pykvm("run", "--restore", diff_state, "--mem-file", full_mem, "--timeout", "1")
     assert r.returncode == 124, r.stderr
     assert_continuous(counting(before + r.stdout.decode()))
+
+
+def test_snapshot_of_a_machine_with_virtio_devices_is_refused_clearly(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    vmm = VmmProcess(tmp_path, "vm")
+    try:
+        drive = {"drive_id": "rootfs", "path_on_host": str(disk), "is_root_device": True}
+        assert vmm.client.put("/drives/rootfs", json=drive).status_code == 204
+        start_counting(vmm)
+        vmm.wait_output(2)
+        assert vmm.client.patch("/vm", json={"state": "Paused"}).status_code == 204
+        r = vmm.client.put("/snapshot/create", json={"snapshot_path": str(tmp_path / "s"),
+                                                     "mem_file_path": str(tmp_path / "m")})
+        assert r.status_code == 400 and "virtio" in r.json()["fault_message"]
+        assert not (tmp_path / "s").exists()
+        assert vmm.client.patch("/vm", json={"state": "Resumed"}).status_code == 204
+        vmm.wait_output(vmm.output().count("\n") + 2)
+        assert_continuous(counting(vmm.output()))
+    finally:
+        vmm.close()
