@@ -65,6 +65,9 @@ def test_wrong_state_calls_are_refused_with_what_to_do(vmm, tmp_path):
     c = vmm.client
     assert "PUT /boot-source" in fault(c.put("/actions", json={"action_type": "InstanceStart"}))
     assert "has not started" in fault(c.patch("/vm", json={"state": "Paused"}))
+    assert "running microVM" in fault(c.put("/actions", json={"action_type": "SendCtrlAltDel"}))
+    assert "PUT /metrics first" in fault(c.put("/actions", json={"action_type": "FlushMetrics"}))
+    assert "action_type" in fault(c.put("/actions", json={"action_type": "Reboot"}))
     assert "paused" in fault(c.put("/snapshot/create", json={"snapshot_path": str(tmp_path / "s"),
                                                             "mem_file_path": str(tmp_path / "m")}))
     assert "No such file" in fault(c.put("/boot-source", json={"kernel_image_path": str(tmp_path / "none")}))
@@ -110,6 +113,7 @@ def test_start_pause_resume_stats_console(vmm, tmp_path):
     assert json.loads((tmp_path / "metrics").read_text().splitlines()[-1])["state"] == "Paused"
     assert c.get("/pykvm/console").content.decode() == held
     assert c.patch("/vm", json={"state": "Resumed"}).status_code == 204
+    assert c.put("/actions", json={"action_type": "SendCtrlAltDel"}).status_code == 204
     vmm.wait_output(held.count("\n") + 3)
     assert_continuous(counting(vmm.output()))
 
