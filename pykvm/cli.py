@@ -367,6 +367,12 @@ def _serve_vmm(args, actions: list) -> int:
     from .console import stdout_write
 
     _terminate_like_ctrl_c()
+    # Import what InstanceStart and a snapshot load need before the socket exists (as a compiled VMM has it
+    # loaded): a restore then costs the restore, not ~0.1 s of first imports.
+    from . import machine  # noqa: F401
+    from .boot import detect  # noqa: F401
+    from .devices import virtio  # noqa: F401
+    from .snapshot import machine_state, pause  # noqa: F401
     vmm = c.Vmm(args.id, serial_out=stdout_write)
     try:
         with ApiServer(vmm, args.api_sock) if args.api_sock else contextlib.nullcontext():
