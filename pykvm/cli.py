@@ -386,7 +386,9 @@ def _serve_vmm(args, actions: list) -> int:
                     pass
             except KeyboardInterrupt:
                 return 130
-            result = vmm.run_machine(timeout=getattr(args, "timeout", None))
+            on_quit = lambda: vmm.machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
+            with HostConsole(vmm.machine.uart, on_quit=on_quit):    # stdin to the serial port, as Firecracker's
+                result = vmm.run_machine(timeout=getattr(args, "timeout", None))
     finally:
         vmm.shutdown()
         if vmm.machine is not None:
