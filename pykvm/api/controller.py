@@ -199,9 +199,7 @@ class Vmm:
 
     def run_machine(self, timeout: float | None = None):
         """Run the built machine on the calling thread (the process's main thread) until it ends."""
-        result = self.machine.run(timeout=timeout)
-        self.state = NOT_STARTED if result is None else self.state
-        return result
+        return self.machine.run(timeout=timeout)
 
     def shutdown(self) -> None:
         """Stop the controller thread; close a machine that never ran. Idempotent."""
