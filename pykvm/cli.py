@@ -144,7 +144,7 @@ def _say(message: str) -> None:
 
 
 def cmd_run(args) -> int:
-    if args.config_file is not None or args.restore is not None:
+    if args.config_file is not None or args.restore is not None or args.mem_file is not None:
         return cmd_run_vmm(args)
     if args.list:
         width = max(len(g.name) for g in bundled.GUESTS)
@@ -414,6 +414,8 @@ def cmd_run_vmm(args) -> int:
     if args.image is not None or args.kernel is not None:
         raise UsageError("--config-file and --restore describe the whole VM; leave out the guest image and --kernel")
     if args.restore is None:
+        if args.mem_file is not None:
+            raise UsageError("--mem-file goes with --restore STATE (the snapshot's state file)")
         return _serve_vmm(args, _config_actions(args.config_file))
     if args.mem_file is None:
         raise UsageError("--restore needs the snapshot's memory file: --mem-file MEM")

@@ -179,3 +179,14 @@ def test_run_with_api_sock_serves_the_running_guest(tmp_path):
         out, _ = proc.communicate(timeout=30)
     assert not sock.exists()                     # the socket goes with the VMM
     assert_continuous(counting(out.decode()))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--restore", "vm.state"], b"--mem-file MEM"),
+    (["--mem-file", "vm.mem"], b"goes with --restore"),
+    (["--restore", "vm.state", "--mem-file", "m", "--config-file", "c"], b"not both"),
+    (["hello-long64", "--config-file", "c"], b"leave out the guest image"),
+])
+def test_snapshot_and_config_options_misused(args, words):
+    r = run_pykvm("run", *args)
+    assert r.returncode == 2 and words in r.stderr and b"Traceback" not in r.stderr
