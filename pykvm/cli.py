@@ -372,7 +372,7 @@ def _serve_vmm(args, actions: list) -> int:
     from . import machine  # noqa: F401
     from .boot import detect  # noqa: F401
     from .devices import virtio  # noqa: F401
-    from .snapshot import machine_state, pause  # noqa: F401
+    from .snapshot import machine_state  # noqa: F401
     vmm = c.Vmm(args.id, serial_out=stdout_write)
     try:
         with ApiServer(vmm, args.api_sock) if args.api_sock else contextlib.nullcontext():

@@ -27,6 +27,7 @@ from . import models
 
 NOT_STARTED, RUNNING, PAUSED = "Not started", "Running", "Paused"
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1"
+PAUSE_TIMEOUT = 5.0            # seconds for every vCPU to leave KVM_RUN
 CONSOLE_KEEP = 64 << 10        # bytes of recent serial output kept for GET /pykvm/console
 APP_NAME = "pykvm"
 
@@ -159,7 +160,6 @@ class Vmm:
         self.metrics: models.Metrics | None = None
         self.serial = SerialRing(serial_out)
         self.machine = None
-        self.pause_control = None
         self.track_dirty_pages = False
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._ready = threading.Event()     # a machine is built: the main thread may run it
@@ -181,13 +181,7 @@ class Vmm:
 
     def adopt(self, machine) -> None:
         """Take a machine built elsewhere (`pykvm run --api-sock`), already loaded: it runs at once."""
-        from ..snapshot.pause import PauseControl
         self.machine = machine
-        try:
-            self.pause_control = PauseControl.install(machine)
-        except ValueError as e:
-            from ..errors import UsageError
-            raise UsageError(f"--api-sock: {e}") from None
         self.machine_config = models.MachineConfiguration(vcpu_count=len(machine.vcpus),
                                                           mem_size_mib=machine.memory.size >> 20)
         self.state = RUNNING
@@ -345,7 +339,6 @@ class Vmm:
         from ..kvm.host import host_backend
         from ..machine import Machine
         from ..snapshot import machine_state
-        from ..snapshot.pause import PauseControl
         mem = self.machine_config.mem_size_mib << 20
         cpus = self.machine_config.vcpu_count
         source = self.boot_source
@@ -361,7 +354,6 @@ class Vmm:
         try:
             attach_virtio(machine, drives, rng, False)
             machine.load(plan)
-            self.pause_control = PauseControl.install(machine)
             if self.machine_config.track_dirty_pages:
                 machine_state.start_dirty_tracking(machine)
                 self.track_dirty_pages = True
@@ -391,8 +383,9 @@ class Vmm:
             raise ApiError("the microVM has not started, so it cannot be paused: PUT /actions InstanceStart first")
         if self.state == PAUSED:
             return
-        if not self.pause_control.pause():
-            raise ApiError("the microVM ended before it could be paused")
+        if not self.machine.pause(timeout=PAUSE_TIMEOUT):
+            self.machine.resume()
+            raise ApiError(f"the microVM's vCPUs did not all leave KVM_RUN within {PAUSE_TIMEOUT:g} s; it runs on")
         self.state = PAUSED
 
     def _resume(self, action: Resume) -> None:
@@ -400,7 +393,7 @@ class Vmm:
             raise ApiError("the microVM has not started, so it cannot be resumed")
         if self.state == RUNNING:
             return
-        self.pause_control.resume()
+        self.machine.resume()
         self.state = RUNNING
 
     # --- snapshots -----------------------------------------------------------------------------------------
@@ -431,7 +424,6 @@ class Vmm:
     def _load_snapshot(self, action: LoadSnapshot) -> None:
         from ..machine import Machine
         from ..snapshot import machine_state, read_state
-        from ..snapshot.pause import PauseControl
         self._before_start("loading a snapshot")
         params = action.params
         if (params.mem_backend is None) == (params.mem_file_path is None):
@@ -445,7 +437,8 @@ class Vmm:
         try:
             track = params.track_dirty_pages or params.enable_diff_snapshots
             machine_state.restore(machine, state, mem_path, track_dirty_pages=track)
-            self.pause_control = PauseControl.install(machine, paused=not params.resume_vm)
+            if not params.resume_vm:
+                machine.pause()      # the vCPUs will hold before their first KVM_RUN
         except BaseException:
             machine.close()
             raise

@@ -271,6 +271,11 @@ struct kvm_run {
     } s;
 };
 
+struct kvm_signal_mask {
+    uint32_t len;
+    uint8_t  sigset[];
+};
+
 /* snapshot state (asm/kvm.h, linux/kvm.h) */
 struct kvm_xsave {
     uint32_t region[1024];
@@ -380,7 +385,7 @@ STRUCTS = (
     "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_lapic_state", "kvm_debug_exit_arch",
     "kvm_guest_debug_arch", "kvm_guest_debug", "kvm_vcpu_events", "kvm_sync_regs", "kvm_mp_state", "kvm_pit_config",
     "kvm_userspace_memory_region", "kvm_irq_level", "kvm_ioeventfd", "kvm_irqfd", "kvm_enable_cap",
-    "kvm_run",
+    "kvm_signal_mask", "kvm_run",
 )
 # Snapshot state (pykvm/snapshot): vCPU and VM state that KVM_GET_* / KVM_SET_* move in and out.
 STRUCTS += (

@@ -70,6 +70,7 @@ class Ioctl(enum.IntEnum):
     KVM_SET_SREGS = _iow(0x84, "struct kvm_sregs")
     KVM_GET_MSRS = _iowr(0x88, "struct kvm_msrs")
     KVM_SET_MSRS = _iow(0x89, "struct kvm_msrs")
+    KVM_SET_SIGNAL_MASK = _iow(0x8B, "struct kvm_signal_mask")
     KVM_GET_FPU = _ior(0x8C, "struct kvm_fpu")
     KVM_SET_FPU = _iow(0x8D, "struct kvm_fpu")
     KVM_GET_LAPIC = _ior(0x8E, "struct kvm_lapic_state")
