@@ -369,10 +369,11 @@ def _serve_vmm(args, actions: list) -> int:
     _terminate_like_ctrl_c()
     # Import what InstanceStart and a snapshot load need before the socket exists (as a compiled VMM has it
     # loaded): a restore then costs the restore, not ~0.1 s of first imports.
-    from . import machine  # noqa: F401
+    from . import machine
     from .boot import detect  # noqa: F401
     from .devices import virtio  # noqa: F401
-    from .snapshot import machine_state  # noqa: F401
+    from .snapshot import machine_state
+    machine_state.warm_up(machine.Machine)
     vmm = c.Vmm(args.id, serial_out=stdout_write)
     try:
         with ApiServer(vmm, args.api_sock) if args.api_sock else contextlib.nullcontext():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..kvm.abi import ffi
+from ..kvm.abi import STRUCTS, ffi
 from ..kvm.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
 from ..memory import PAGE_SIZE, back_with_file, dirty_pages, ram_regions, set_dirty_logging
 from .format import SnapshotError
@@ -217,6 +217,19 @@ def capture(machine, kvm_msrs: list[int] | None = None) -> dict:
         "devices": capture_devices(machine),
         "created": time.time(),
     }
+
+
+def warm_up(machine_class) -> None:
+    """Pay a fresh process's first-use costs before any restore is timed: cffi parses each KVM structure type
+    on its first use, and the first VM a process creates costs more than the next. A VMM calls this before its
+    API socket appears; a machine that cannot be created here (no /dev/kvm) is left for the real attempt to
+    report."""
+    for name in STRUCTS:
+        ffi.new(f"struct {name} *")
+    try:
+        machine_class(mem_size=1 << 20).close()
+    except Exception:
+        pass
 
 
 # --- restore --------------------------------------------------------------------------------------------------
