@@ -253,9 +253,11 @@ def restore(machine, state: dict, mem_path: str, track_dirty_pages: bool = False
     config = check_config(state)
     if config["mem_size"] != machine.memory.size or config["vcpu_count"] != len(machine.vcpus) \
             or config["irqchip"] != bool(machine.irqchip):
+        chip = {True: "an in-kernel irqchip", False: "no in-kernel irqchip"}
         raise SnapshotError("the snapshot does not match the machine it is loaded into: snapshot "
-                            f"{config['mem_size']} bytes of RAM, {config['vcpu_count']} vCPUs; machine "
-                            f"{machine.memory.size} bytes, {len(machine.vcpus)} vCPUs")
+                            f"{config['mem_size']} bytes of RAM, {config['vcpu_count']} vCPUs, "
+                            f"{chip[config['irqchip']]}; machine {machine.memory.size} bytes, "
+                            f"{len(machine.vcpus)} vCPUs, {chip[bool(machine.irqchip)]}")
     try:
         fd = os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
