@@ -123,7 +123,7 @@ class FwCfg:
     def item(self, key: int) -> bytes:
         """The bytes the guest reads after selecting ``key`` (empty for an unknown key)."""
         with self._lock:
-            return self._items.get(key, b"")
+            return bytes(self._items.get(key, b""))
 
     def _directory(self) -> bytes:
         records = [_FILE_DIR_COUNT.pack(len(self._files))]
@@ -141,7 +141,7 @@ class FwCfg:
             data = self._items.get(self._key, b"")
             chunk = data[self._offset:self._offset + size]
             self._offset += size
-        return int.from_bytes(chunk.ljust(size, b"\0"), "little")
+        return int.from_bytes(bytes(chunk).ljust(size, b"\0"), "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset != 0 or size < 2:
@@ -182,7 +182,8 @@ class FwCfg:
         return device
 
 
-def _as_bytes(value) -> bytes:
-    if not isinstance(value, bytes):
+def _as_bytes(value) -> bytes | memoryview:
+    """An item's data: bytes, or a read-only memoryview (a snapshot's, kept without copying megabytes)."""
+    if not isinstance(value, (bytes, memoryview)):
         raise TypeError(f"a fw_cfg item must be bytes, not {type(value).__name__}")
     return value

@@ -12,7 +12,8 @@ Layout (little-endian)::
 
 Binary values (KVM structures, fw_cfg items) are not encoded in the JSON: each ``bytes`` in the state becomes
 ``{"$blob": [offset, length]}`` pointing into the blob area that follows the JSON, so a state holding a kernel
-image stays about its size and loads without decoding.
+image stays about its size and loads without decoding. :func:`read_state` gives binary values back as read-only
+memoryviews into the file's bytes (no copy).
 
 A file that is too short, has another magic, another version, a body of another length or checksum, or a body
 that is not a JSON object is refused with :class:`SnapshotError` before anything is restored. The file is
@@ -61,7 +62,7 @@ def _unpack(value, area: memoryview, path: str):
             if (not isinstance(ref, list) or len(ref) != 2 or not all(type(x) is int and x >= 0 for x in ref)
                     or ref[0] + ref[1] > len(area)):
                 raise SnapshotError(f"{path} is corrupt: a binary reference points outside the file")
-            return bytes(area[ref[0]:ref[0] + ref[1]])
+            return area[ref[0]:ref[0] + ref[1]]   # a read-only view: megabytes are not copied again
         return {k: _unpack(v, area, path) for k, v in value.items()}
     if isinstance(value, list):
         return [_unpack(v, area, path) for v in value]

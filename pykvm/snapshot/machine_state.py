@@ -28,7 +28,7 @@ def _blob(cdata) -> bytes:
 
 
 def _unblob(ctype: str, raw, what: str):
-    if not isinstance(raw, bytes):
+    if not isinstance(raw, (bytes, memoryview)):
         raise SnapshotError(f"the snapshot's {what} is not binary data")
     if len(raw) != ffi.sizeof(ctype):
         raise SnapshotError(f"the snapshot's {what} is {len(raw)} bytes, not the {ffi.sizeof(ctype)} of {ctype}")
