@@ -48,3 +48,22 @@ class MmioTestDevice:
             shift, mask = 8 * (offset - 8), (1 << (8 * min(size, 0x10 - offset))) - 1
             self.scratch = (self.scratch & ~(mask << shift)) | ((value & mask) << shift)
             self.writes += 1
+
+    def state(self) -> dict:
+        """The scratch register and the write count, as plain data (for a snapshot)."""
+        return {"scratch": self.scratch, "writes": self.writes}
+
+    def load_state(self, state: dict) -> None:
+        """Take the registers from :meth:`state`'s record; ValueError if they are malformed."""
+        scratch = state.get("scratch") if isinstance(state, dict) else None
+        writes = state.get("writes") if isinstance(state, dict) else None
+        if type(scratch) is not int or not 0 <= scratch < 1 << 64 or type(writes) is not int or writes < 0:
+            raise ValueError(f"MMIO test device state is malformed: {state!r:.80}")
+        self.scratch, self.writes = scratch, writes
+
+    @classmethod
+    def from_state(cls, state: dict) -> MmioTestDevice:
+        """A device in the state :meth:`state` recorded."""
+        device = cls()
+        device.load_state(state)
+        return device

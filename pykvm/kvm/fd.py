@@ -191,6 +191,45 @@ class Vm(_Fd):
         self.vcpus.append(vcpu)
         return vcpu
 
+    # --- VM state for snapshots (api.rst: KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK, KVM_GET_DIRTY_LOG) ---
+    def get_irqchip(self, chip_id: int):
+        """KVM_GET_IRQCHIP: one in-kernel interrupt controller's state (KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE,
+        _IOAPIC)."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        _call(self.fd, Ioctl.KVM_GET_IRQCHIP, chip, f"chip {chip_id}")
+        return chip
+
+    def set_irqchip(self, chip) -> None:
+        """KVM_SET_IRQCHIP: load the state read by get_irqchip (chip_id says which controller)."""
+        _call(self.fd, Ioctl.KVM_SET_IRQCHIP, chip, f"chip {chip.chip_id}")
+
+    def get_pit2(self):
+        """KVM_GET_PIT2: the in-kernel i8254's three channels and flags."""
+        pit = ffi.new("struct kvm_pit_state2 *")
+        _call(self.fd, Ioctl.KVM_GET_PIT2, pit)
+        return pit
+
+    def set_pit2(self, pit) -> None:
+        """KVM_SET_PIT2."""
+        _call(self.fd, Ioctl.KVM_SET_PIT2, pit)
+
+    def get_clock(self):
+        """KVM_GET_CLOCK: the guest's kvmclock, in nanoseconds."""
+        clock = ffi.new("struct kvm_clock_data *")
+        _call(self.fd, Ioctl.KVM_GET_CLOCK, clock)
+        return clock
+
+    def set_clock(self, clock) -> None:
+        """KVM_SET_CLOCK: set the kvmclock (only ``clock`` is used when flags is 0)."""
+        _call(self.fd, Ioctl.KVM_SET_CLOCK, clock)
+
+    def get_dirty_log(self, slot: int, bitmap) -> None:
+        """KVM_GET_DIRTY_LOG: fill ``bitmap`` (a cffi buffer, one bit per 4 KiB page of the slot) with the pages
+        written since the last call, and clear KVM's log. The slot needs KVM_MEM_LOG_DIRTY_PAGES."""
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
+        log.dirty_bitmap = ffi.cast("void *", bitmap)
+        _call(self.fd, Ioctl.KVM_GET_DIRTY_LOG, log, f"slot {slot}")
+
 
 class Vcpu(_Fd):
     """A vCPU file descriptor and its mmap'd ``struct kvm_run`` (api.rst, "vcpu ioctl")."""
@@ -364,3 +403,38 @@ class Vcpu(_Fd):
     def set_lapic(self, lapic) -> None:
         """KVM_SET_LAPIC."""
         _call(self.fd, Ioctl.KVM_SET_LAPIC, lapic)
+
+    # --- vCPU state for snapshots (api.rst: KVM_GET_XSAVE, _XCRS, _DEBUGREGS, _MP_STATE) ----------------
+    def get_xsave(self):
+        """KVM_GET_XSAVE: x87/SSE/AVX state in the XSAVE layout (4 KiB)."""
+        xsave = ffi.new("struct kvm_xsave *")
+        _call(self.fd, Ioctl.KVM_GET_XSAVE, xsave)
+        return xsave
+
+    def set_xsave(self, xsave) -> None:
+        """KVM_SET_XSAVE."""
+        _call(self.fd, Ioctl.KVM_SET_XSAVE, xsave)
+
+    def get_xcrs(self):
+        """KVM_GET_XCRS: the extended control registers (XCR0)."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        _call(self.fd, Ioctl.KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs) -> None:
+        """KVM_SET_XCRS."""
+        _call(self.fd, Ioctl.KVM_SET_XCRS, xcrs)
+
+    def get_debugregs(self):
+        """KVM_GET_DEBUGREGS: DR0-3, DR6, DR7."""
+        regs = ffi.new("struct kvm_debugregs *")
+        _call(self.fd, Ioctl.KVM_GET_DEBUGREGS, regs)
+        return regs
+
+    def set_debugregs(self, regs) -> None:
+        """KVM_SET_DEBUGREGS."""
+        _call(self.fd, Ioctl.KVM_SET_DEBUGREGS, regs)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE: runnable, halted, waiting for INIT/SIPI (KVM_MP_STATE_*)."""
+        _call(self.fd, Ioctl.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}))
