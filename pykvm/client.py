@@ -78,6 +78,13 @@ class Client:
             raise UsageError(f"cannot reach the pykvm daemon at {self.socket_path} ({e})") from None
 
 
+def _r(ref: str) -> str:
+    """A VM reference for a URL path: as docker takes it (a leading '/' of a name dropped), percent-encoded so
+    an odd name can never reach another path."""
+    from urllib.parse import quote
+    return quote(ref.lstrip("/"), safe="")
+
+
 # -- parsers -----------------------------------------------------------------------------------------
 VERBS = ("daemon", "ps", "create", "start", "stop", "kill", "restart", "rm", "inspect", "logs", "attach", "pause",
          "unpause", "stats", "events", "top", "wait")
@@ -286,7 +293,7 @@ def run_detached(args) -> int:
     try:
         params = {"name": args.name} if args.name else {}
         vm_id = client.json("POST", "/vms/create", params=params, json=spec_from_args(args))["Id"]
-        client.request("POST", f"/vms/{vm_id}/start")
+        client.request("POST", f"/vms/{_r(vm_id)}/start")
         print(vm_id)
         return 0
     except DaemonError as e:
@@ -301,7 +308,7 @@ def _each(client: Client, args, method: str, path: str, **params) -> int:
     status = 0
     for ref in args.vms:
         try:
-            r = client.request(method, path.format(ref), params=params)
+            r = client.request(method, path.format(_r(ref)), params=params)
             if r.status_code != 304 or method == "POST":
                 print(ref)
         except DaemonError as e:
@@ -314,7 +321,7 @@ def cmd_start(client: Client, args) -> int:
     if args.attach:
         if len(args.vms) != 1:
             raise UsageError("start -a attaches to one VM")
-        client.request("POST", f"/vms/{args.vms[0]}/start")
+        client.request("POST", f"/vms/{_r(args.vms[0])}/start")
         return _attach(client, args.vms[0], exit_status=True)
     return _each(client, args, "POST", "/vms/{}/start")
 
@@ -347,7 +354,7 @@ def cmd_wait(client: Client, args) -> int:
     import httpx
     client.http.timeout = httpx.Timeout(None, connect=10)
     for ref in args.vms:
-        print(client.json("POST", f"/vms/{ref}/wait")["StatusCode"])
+        print(client.json("POST", f"/vms/{_r(ref)}/wait")["StatusCode"])
     return 0
 
 
@@ -355,7 +362,7 @@ def cmd_inspect(client: Client, args) -> int:
     out, status = [], 0
     for ref in args.vms:
         try:
-            out.append(client.json("GET", f"/vms/{ref}/json"))
+            out.append(client.json("GET", f"/vms/{_r(ref)}/json"))
         except DaemonError as e:
             print(f"Error: {e}", file=sys.stderr)
             status = 1
@@ -366,7 +373,7 @@ def cmd_inspect(client: Client, args) -> int:
 def cmd_logs(client: Client, args) -> int:
     params = {"follow": "1" if args.follow else "0", "tail": args.tail,
               "timestamps": "1" if args.timestamps else "0"}
-    for chunk in client.stream("GET", f"/vms/{args.vms}/logs", params=params):
+    for chunk in client.stream("GET", f"/vms/{_r(args.vms)}/logs", params=params):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     return 0
@@ -410,7 +417,7 @@ def cmd_stats(client: Client, args) -> int:
         rows = [("VM ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "UNIQUE", "EXITS")]
         records = []
         for ref in refs:
-            s = client.json("GET", f"/vms/{ref}/stats", params={"stream": "0"})
+            s = client.json("GET", f"/vms/{_r(ref)}/stats", params={"stream": "0"})
             records.append(s)
             now, used = time.monotonic(), s["cpu_stats"].get("total_usage_ns", 0)
             before = prev.get(s["id"])
@@ -440,7 +447,7 @@ def cmd_top(client: Client, args) -> int:
     while True:
         lines = []
         for vm in client.json("GET", "/vms/json"):
-            s = client.json("GET", f"/vms/{vm['Id']}/stats", params={"stream": "0"})
+            s = client.json("GET", f"/vms/{_r(vm['Id'])}/stats", params={"stream": "0"})
             now = time.monotonic()
             reasons = {k: v.get("count", 0) for k, v in ((s.get("exits") or {}).get("reasons") or {}).items()}
             before = prev.get(vm["Id"])
@@ -474,7 +481,9 @@ def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
     """Bridge this terminal (or pipe) to the VM's console until Ctrl-A x, the VM's end or EOF on a pipe."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import unix_connect
-    vm = client.json("GET", f"/vms/{ref}/json")
+    vm = client.json("GET", f"/vms/{_r(ref)}/json")
+    if not vm["State"]["Running"]:
+        raise DaemonError(409, f"VM {vm['Name'].lstrip('/')} is not running: start it first")
     try:
         ws = unix_connect(str(client.socket_path), f"ws://pykvm/vms/{vm['Id']}/attach/ws")
     except (OSError, ConnectionClosed, Exception) as e:    # the handshake refused: the VM is not running
@@ -535,6 +544,6 @@ def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
             termios.tcsetattr(stdin, termios.TCSADRAIN, tty_state)
             print("\r", file=sys.stderr)
     if exit_status:
-        state = client.json("GET", f"/vms/{vm['Id']}/json")["State"]
+        state = client.json("GET", f"/vms/{_r(vm['Id'])}/json")["State"]
         return 0 if state["Running"] else state["ExitCode"]
     return 0

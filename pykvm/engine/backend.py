@@ -31,6 +31,7 @@ log = logging.getLogger("pykvm.engine")
 
 VMM_OVERHEAD_MIB = 64           # host memory a VMM process needs beyond guest RAM (charged to the budget)
 RESERVE_MIB = 256               # what the default budget leaves to the host
+DIR_DIGITS = 16                 # hex digits of the id naming a VM's directory
 
 
 class NotModified(Exception):
@@ -102,6 +103,11 @@ class Backend:
         self.pidfds.clear()
         self.store.close()
 
+    def vmdir(self, vm_id: str) -> Path:
+        """A VM's directory: ``vms/`` + the first 16 hex digits of its id (unique: see ``create``), short
+        enough that the sockets in it stay under the 108 bytes of sun_path (unix(7))."""
+        return self.vms_dir / vm_id[:DIR_DIGITS]
+
     # -- events ---------------------------------------------------------------------------------
     def event(self, action: str, vm: Vm, **extra) -> None:
         attributes = {"name": vm.name, "image": _image(vm.spec), **{k: str(v) for k, v in extra.items()}}
@@ -124,7 +130,7 @@ class Backend:
             if until is not None and until <= time.time():
                 return
             while True:
-                timeout = None if until is None else max(0.0, until - time.time())
+                timeout = None if until is None else min(max(0.0, until - time.time()), 86400.0)
                 try:
                     ev = await asyncio.wait_for(queue.get(), timeout)
                 except asyncio.TimeoutError:
@@ -143,10 +149,13 @@ class Backend:
         name = check_name(name) if name else self.store.free_name()
         for fd in self._open_files(caller, spec).values():
             os.close(fd)
-        vm = Vm(id=new_id(), name=name, spec=spec, state="created", created=time.time(), owner_uid=caller.uid,
+        vm_id = new_id()
+        while self.vmdir(vm_id).exists():     # 2**-64 odds, but a shared directory would mix two VMs
+            vm_id = new_id()
+        vm = Vm(id=vm_id, name=name, spec=spec, state="created", created=time.time(), owner_uid=caller.uid,
                 owner_gid=caller.gid, owner_groups=list(caller.groups))
         self.store.insert(vm)
-        (self.vms_dir / vm.id).mkdir(mode=0o700)
+        (self.vmdir(vm.id)).mkdir(mode=0o700)
         self.event("create", vm)
         return vm
 
@@ -187,7 +196,7 @@ class Backend:
                       "FinishedAt": logs.rfc3339(vm.finished_at) if vm.finished_at else ""},
             "Config": vm.spec, "Image": _image(vm.spec), "RestartCount": vm.restart_count,
             "HostConfig": {"Memory": vm.mem_bytes, "NanoCpus": int(vm.spec.get("Vcpus", 1)) * 10**9},
-            "LogPath": str(self.vms_dir / vm.id / "console.log"), "ApiSocket": vm.api_sock or "",
+            "LogPath": str(self.vmdir(vm.id) / "console.log"), "ApiSocket": vm.api_sock or "",
             "Owner": {"Uid": vm.owner_uid, "Gid": vm.owner_gid},
         }
 
@@ -240,7 +249,7 @@ class Backend:
                                "--memory-budget")
             owner = Caller(0, vm.owner_uid, vm.owner_gid, tuple(vm.owner_groups))
             fds = self._open_files(owner, vm.spec)
-            vmdir = self.vms_dir / vm.id
+            vmdir = self.vmdir(vm.id)
             vmdir.mkdir(mode=0o700, exist_ok=True)
             api_sock = vmdir / "api.sock" if has_vmm_api() else None
             argv = vmm_argv(vm.spec, {k: f"/proc/self/fd/{fd}" for k, fd in fds.items()}, api_sock)
@@ -264,7 +273,7 @@ class Backend:
             return vm
 
     async def _vmm_pid(self, vm: Vm, wait: float = 5.0) -> int | None:
-        path = self.vms_dir / vm.id / "vmm.pid"
+        path = self.vmdir(vm.id) / "vmm.pid"
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             try:
@@ -306,7 +315,7 @@ class Backend:
     def _finished(self, vm: Vm) -> None:
         """Record how ``vm`` ended, from the ``exit.json`` its shim wrote."""
         try:
-            record = json.loads((self.vms_dir / vm.id / "exit.json").read_text())
+            record = json.loads((self.vmdir(vm.id) / "exit.json").read_text())
             code, finished, error = int(record["ExitCode"]), float(record["FinishedAt"]), record.get("Error", "")
             state = "exited"
         except (OSError, ValueError, KeyError, TypeError):
@@ -322,7 +331,7 @@ class Backend:
         pid = vm.vmm_pid
         if not pid:
             with contextlib.suppress(OSError, ValueError, KeyError):
-                pid = int(json.loads((self.vms_dir / vm.id / "vmm.pid").read_text())["pid"])
+                pid = int(json.loads((self.vmdir(vm.id) / "vmm.pid").read_text())["pid"])
         if pid and vm.id in self.pidfds:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -406,7 +415,7 @@ class Backend:
             await self.kill(vm.id)
         async with self._lock(vm.id):
             self.store.delete(vm.id)
-            shutil.rmtree(self.vms_dir / vm.id, ignore_errors=True)
+            shutil.rmtree(self.vmdir(vm.id), ignore_errors=True)
             self.event("destroy", vm)
         self.locks.pop(vm.id, None)
         self.exited.pop(vm.id, None)
@@ -414,7 +423,7 @@ class Backend:
     # -- console --------------------------------------------------------------------------------
     async def logs(self, vm: Vm, follow: bool, tail: int | None, timestamps: bool) -> AsyncIterator[str]:
         """The console output kept for ``vm``; with ``follow``, then what it prints until it ends."""
-        path = self.vms_dir / vm.id / "console.log"
+        path = self.vmdir(vm.id) / "console.log"
         lines = logs.to_lines(logs.read_records(path))
         if tail is not None:
             lines = lines[-tail:] if tail > 0 else []
@@ -454,7 +463,7 @@ class Backend:
     def console_socket(self, vm: Vm) -> Path:
         if vm.state not in ("running", "paused"):
             raise Conflict(f"VM {vm.name} is not running: start it first")
-        return self.vms_dir / vm.id / "console.sock"
+        return self.vmdir(vm.id) / "console.sock"
 
     # -- statistics -----------------------------------------------------------------------------
     async def stats(self, vm: Vm) -> dict:

@@ -253,11 +253,13 @@ def make_app(backend: Backend) -> FastAPI:
             path = backend.console_socket(vm)
         except (NotFound, Conflict, Forbidden) as e:
             code = 4404 if isinstance(e, NotFound) else 4403 if isinstance(e, Forbidden) else 4409
+            await websocket.accept()            # so the client sees why, in the close frame
             await websocket.close(code=code, reason=str(e)[:120])
             return
         try:
             reader, writer = await asyncio.open_unix_connection(str(path))
         except OSError:
+            await websocket.accept()
             await websocket.close(code=4409, reason="the VM's console is not there (has it just ended?)")
             return
         await websocket.accept()
