@@ -219,12 +219,13 @@ def test_memory_budget_refuses_over_commit():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_non_root_caller_is_refused_a_root_only_file(daemon, tmp_path):
-    os.chmod(tmp_path, 0o755)
-    secret = tmp_path / "root-only.bin"
+def test_non_root_caller_is_refused_a_root_only_file(daemon):
+    files = daemon.dir / "files"        # pytest's tmp_path lies under a root-only directory
+    files.mkdir(mode=0o755)
+    secret = files / "root-only.bin"
     secret.write_bytes(b"\x0f\x0b")
     secret.chmod(0o600)
-    public = crash_guest(tmp_path)
+    public = crash_guest(files)
     gid = grp.getgrnam("pykvm").gr_gid
 
     def as_nobody():
@@ -293,8 +294,10 @@ def test_half_open_and_slow_clients_do_not_stop_the_daemon(daemon):
         idle.settimeout(60)
         assert idle.recv(1) == b""              # the idle connection is closed by the daemon, not kept forever
         partial.settimeout(60)
-        answer = partial.recv(4096)
-        assert b"408" in answer or answer == b""
+        answer = b""                        # a stalled body gets a clean error, then the connection ends
+        while chunk := partial.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 4") and b'"message"' in answer
     finally:
         idle.close()
         partial.close()

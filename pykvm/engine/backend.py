@@ -144,11 +144,15 @@ class Backend:
     def lookup(self, ref: str) -> Vm:
         return self.store.lookup(ref)
 
-    def create(self, caller: Caller, spec: dict, name: str | None) -> Vm:
-        """Record a new VM after checking the caller may open every file it names. Returns it."""
-        name = check_name(name) if name else self.store.free_name()
+    def check_files(self, caller: Caller, spec: dict) -> None:
+        """Forbidden / BadRequest unless ``caller`` may open every file ``spec`` names (blocking: it forks)."""
         for fd in self._open_files(caller, spec).values():
             os.close(fd)
+
+    def create(self, caller: Caller, spec: dict, name: str | None) -> Vm:
+        """Record a new VM (call ``check_files`` first). Returns it. Runs on the event loop's thread, the
+        only one that uses the database."""
+        name = check_name(name) if name else self.store.free_name()
         vm_id = new_id()
         while self.vmdir(vm_id).exists():     # 2**-64 odds, but a shared directory would mix two VMs
             vm_id = new_id()

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from .access import Caller, Forbidden
 from .backend import EVENT_FILTER_KEYS, FILTER_KEYS, Backend, NotModified, parse_filters
-from .store import BadRequest, Conflict, NotFound, Vm
+from .store import BadRequest, Conflict, NotFound, Vm, check_name
 
 API_VERSION = "1.0"
 
@@ -148,7 +148,10 @@ def make_app(backend: Backend) -> FastAPI:
             raise BadRequest("give one of Image, ImageFile or Kernel")
         if not spec.get("Kernel") and (spec.get("Initrd") or spec.get("Cmdline")):
             raise BadRequest("Initrd and Cmdline need a Kernel")
-        vm = await asyncio.to_thread(backend.create, caller(request), spec, name)
+        if name:
+            check_name(name)
+        await asyncio.to_thread(backend.check_files, caller(request), spec)
+        vm = backend.create(caller(request), spec, name)
         return {"Id": vm.id, "Warnings": []}
 
     @app.get("/vms/json")
