@@ -7,6 +7,8 @@
  *     +0x0   ID, read-only, reads 0x4f494d4d ("MMIO" as little-endian bytes)
  *     +0x8   scratch, read/write, 1/2/4/8 bytes, reads back zero-extended
  *     +0x10  reads ~scratch, same width as the access
+ * and, as odd widths KVM reports (3, 5, 6, 7 bytes), a far-pointer load (lfs,
+ * 6 bytes) and a read that straddles the page boundary below the device.
  * Success: prints "mmio: id=MMIO scratch ok", then `cli; hlt` (status 0).
  * Check n failing: prints "mmio: FAIL <n>" and writes n to the debug-exit port.
  */
@@ -55,6 +57,21 @@ _start:
         mov     $6, %edi                /* check 6: 4-byte read of ~scratch */
         mov     REG_NOT(%rbx), %edx
         cmp     $~0x55667788 & 0xffffffff, %edx
+        jne     fail
+
+        mov     $7, %edi                /* check 7: a far-pointer load, one 6-byte MMIO read */
+        movabs  $0x0000001812345678, %rax   /* offset 0x12345678, selector 0x18 (boot GDT data) */
+        mov     %rax, REG_SCRATCH(%rbx)
+        lfs     REG_SCRATCH(%rbx), %edx /* m16:32: 4-byte offset then 2-byte selector */
+        cmp     $0x12345678, %edx
+        jne     fail
+        mov     %fs, %eax
+        cmp     $0x18, %eax
+        jne     fail
+
+        mov     $8, %edi                /* check 8: a read split at a page boundary: the last */
+        mov     -1(%rbx), %edx          /* byte below the device (unclaimed: 0xff), then "MMI" */
+        cmp     $0x494d4dff, %edx
         jne     fail
 
         mov     $ok, %esi

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve the gdb remote protocol here (host default 127.0.0.1; port 0 picks one)")
     see.add_argument("--gdb-wait", action="store_true", help="with --gdb: start the guest only when gdb continues")
 
+    _add_api_options(run, sub)
+
     sub.add_parser("info", help="KVM API version, capabilities pykvm uses, vCPU limits")
     fetch = sub.add_parser("fetch", help="download a guest: `pykvm fetch linux` gets Debian's kernel (cached)")
     fetch.add_argument("what", choices=["linux"])
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return client_main(args)
         if args.command == "fetch":
             return cmd_fetch(args)
+        if args.command == "vmm":
+            return cmd_vmm(args)
         return cmd_info(args)
     except PykvmError as e:
         _say(str(e))
@@ -153,6 +157,8 @@ def _say(message: str) -> None:
 
 
 def cmd_run(args) -> int:
+    if args.config_file is not None or args.restore is not None or args.mem_file is not None:
+        return cmd_run_vmm(args)
     if args.list:
         width = max(len(g.name) for g in bundled.GUESTS)
         for guest in bundled.GUESTS:
@@ -166,13 +172,16 @@ def cmd_run(args) -> int:
     if args.firmware is not None:
         firmware = read_firmware(args.firmware or str(bundled_firmware()))
     from .machine import Machine  # imports KVM bits only when a VM is really wanted
-    with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware) as machine:
+    serial = _api_serial(args)
+    with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware,
+                 serial_out=serial) as machine:
         virtio = attach_virtio(machine, *_virtio_devices(args))
         machine.load(plan)
         seeing = inside.attach(machine, debug_options)
         on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
         console = virtio.console or machine.uart
-        with HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver):
+        with HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver), \
+                _api_while_running(args, machine, serial):
             result = machine.run(timeout=args.timeout)
         seeing.finish()
     if result.report or not args.quiet:
@@ -275,3 +284,154 @@ def _backend() -> str:
         return module + (" (not hardware virtualization: CPL0 guest code is emulated; paging only in long mode;"
                          " see PLATFORM notes in the README)")
     return module
+
+
+# --- the per-VM API (pykvm/api) and snapshots: `pykvm vmm`, `pykvm run --api-sock/--config-file/--restore` ----
+def _add_api_options(run, sub) -> None:
+    api = run.add_argument_group("API and snapshots (Firecracker's API; see the README)")
+    api.add_argument("--api-sock", metavar="PATH",
+                     help="also serve the VM's REST API on this Unix socket (created 0600) while it runs")
+    api.add_argument("--config-file", metavar="FILE",
+                     help="boot the VM described by this Firecracker-format JSON file (boot-source, drives, "
+                          "machine-config, ...) instead of the options above")
+    api.add_argument("--restore", metavar="STATE", help="continue the VM saved in this snapshot state file")
+    api.add_argument("--mem-file", metavar="MEM", help="with --restore: the snapshot's guest memory file")
+    api.add_argument("--id", default="anonymous-instance", help="the instance id GET / reports")
+    vmm = sub.add_parser("vmm", help="a VMM that waits to be configured through its API socket (Firecracker's)",
+                         description="Serve one VM's REST API (Firecracker's paths and fields) on a Unix socket. "
+                                     "The process ends when the guest does, with pykvm run's exit statuses.")
+    vmm.add_argument("--api-sock", required=True, metavar="PATH", help="the Unix socket to serve (created 0600)")
+    vmm.add_argument("--config-file", metavar="FILE", help="configure and start from this Firecracker JSON file")
+    vmm.add_argument("--id", default="anonymous-instance", help="the instance id GET / reports")
+    vmm.add_argument("-q", "--quiet", action="store_true", help="do not print how the run ended")
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM ends a VMM as Ctrl-C does (status 130): the run ends, the API socket file is removed."""
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _api_serial(args):
+    """With --api-sock, the guest's serial output also goes to a ring that GET /pykvm/console serves."""
+    if getattr(args, "api_sock", None) is None:
+        return None
+    from .api.controller import SerialRing
+    from .console import stdout_write
+    return SerialRing(stdout_write)
+
+
+def _api_while_running(args, machine, serial):
+    """Serve the API for an already booted machine (`pykvm run --api-sock`), or nothing."""
+    import contextlib
+    if getattr(args, "api_sock", None) is None:
+        return contextlib.nullcontext()
+    from .api.controller import Vmm
+    from .api.server import ApiServer
+    _terminate_like_ctrl_c()
+    stack = contextlib.ExitStack()
+    vmm = Vmm(args.id, machine=machine)
+    vmm.serial = serial
+    stack.callback(vmm.shutdown)
+    stack.enter_context(ApiServer(vmm, args.api_sock))
+    return stack
+
+
+def _config_actions(path: str) -> list:
+    """The actions a Firecracker config file stands for, in the order the API would take them."""
+    from pydantic import ValidationError
+
+    from .api import controller as c
+    from .api import models
+    from .api.server import _describe
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20)
+    except OSError as e:
+        raise UsageError(f"cannot read --config-file {path}: {e.strerror}") from None
+    try:
+        config = models.VmConfigFile.model_validate_json(text)
+    except ValidationError as e:
+        raise UsageError(f"--config-file {path}: {_describe(e.errors())}") from None
+    actions = []
+    if config.machine_config is not None:
+        actions.append(c.PutMachineConfig(config.machine_config))
+    actions.append(c.PutBootSource(config.boot_source))
+    actions += [c.PutDrive(d) for d in config.drives]
+    if config.entropy is not None:
+        actions.append(c.PutEntropy(config.entropy))
+    if config.logger is not None:
+        actions.append(c.PutLogger(config.logger))
+    if config.metrics is not None:
+        actions.append(c.PutMetrics(config.metrics))
+    return actions + [c.StartInstance()]
+
+
+def _serve_vmm(args, actions: list) -> int:
+    """Run a Vmm: apply ``actions`` (a config file, a snapshot load), serve the API if asked, run the machine on
+    this (the main) thread until the guest ends."""
+    import contextlib
+
+    from .api import controller as c
+    from .api.server import ApiServer
+    from .console import stdout_write
+
+    _terminate_like_ctrl_c()
+    # Import what InstanceStart and a snapshot load need before the socket exists (as a compiled VMM has it
+    # loaded): a restore then costs the restore, not ~0.1 s of first imports.
+    from . import machine
+    from .boot import detect  # noqa: F401
+    from .devices import virtio  # noqa: F401
+    from .snapshot import machine_state
+    machine_state.warm_up(machine.Machine)
+    vmm = c.Vmm(args.id, serial_out=stdout_write)
+    try:
+        with ApiServer(vmm, args.api_sock) if args.api_sock else contextlib.nullcontext():
+            for action in actions:
+                try:
+                    vmm.submit(action)
+                except c.ApiError as e:
+                    raise UsageError(e.message) from None
+            try:
+                while not vmm.wait_until_ready(0.5):
+                    pass
+            except KeyboardInterrupt:
+                return 130
+            on_quit = lambda: vmm.machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
+            with HostConsole(vmm.machine.uart, on_quit=on_quit):    # stdin to the serial port, as Firecracker's
+                result = vmm.run_machine(timeout=getattr(args, "timeout", None))
+    finally:
+        vmm.shutdown()
+        if vmm.machine is not None:
+            vmm.machine.close()
+    if result.report or not args.quiet:
+        _say(f"{result.reason} (exit status {result.status})")
+    if result.report:
+        print(result.report, file=sys.stderr)
+    return result.status
+
+
+def cmd_vmm(args) -> int:
+    """`pykvm vmm --api-sock PATH`: wait for the API to configure and start the VM (or a --config-file)."""
+    return _serve_vmm(args, _config_actions(args.config_file) if args.config_file else [])
+
+
+def cmd_run_vmm(args) -> int:
+    """`pykvm run --config-file FILE` or `pykvm run --restore STATE --mem-file MEM` (with or without --api-sock)."""
+    from .api import controller as c
+    from .api import models
+    if args.config_file is not None and args.restore is not None:
+        raise UsageError("give either --config-file or --restore, not both")
+    if args.image is not None or args.kernel is not None:
+        raise UsageError("--config-file and --restore describe the whole VM; leave out the guest image and --kernel")
+    if args.restore is None:
+        if args.mem_file is not None:
+            raise UsageError("--mem-file goes with --restore STATE (the snapshot's state file)")
+        return _serve_vmm(args, _config_actions(args.config_file))
+    if args.mem_file is None:
+        raise UsageError("--restore needs the snapshot's memory file: --mem-file MEM")
+    load = models.SnapshotLoadParams(snapshot_path=args.restore, mem_file_path=args.mem_file, resume_vm=True)
+    return _serve_vmm(args, [c.LoadSnapshot(load)])

@@ -9,13 +9,14 @@ Life of a run::
     .close()                every thread joined, every descriptor closed
 
 ``KVM_RUN`` releases the GIL, so vCPUs run in parallel and Python runs only while an exit is
-handled. That path (:meth:`Machine._exit_loop`) is kept short: one ``struct`` unpack of the exit,
-a dict lookup of the port, the device's method.
+handled. That path is :meth:`Machine._exit_loop`: ``exit = vcpu.run()`` (a typed exit, one
+``struct`` unpack), ``table[reason](exit)`` (:class:`ExitHandlers`), the time charged to the
+exit's statistics record. A run can be paused and resumed from any thread (:meth:`Machine.pause`).
 """
 
 from __future__ import annotations
 
-import errno
+import math
 import signal
 import struct
 import threading
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from .boot import BIOS_AREA, BootPlan
 from .boot.firmware import HANDOFF_ADDR, handoff_block
 from .console import stdout_write
-from .debug.stats import TOTAL as STATS_TOTAL
 from .debug.stats import VcpuStats
 from .devices.bus import Bus
 from .devices.cmos import Cmos
@@ -51,8 +51,8 @@ from .errors import (
     PykvmError,
     UsageError,
 )
-from .kvm import ExitReason, Ioctl, Kvm, KvmError
-from .kvm.abi import ffi, libc
+from .kvm import ExitReason, Kvm
+from .kvm.abi import ffi
 from .kvm.constants import (
     KVM_EXIT_IO_OUT,
     KVM_INTERNAL_ERROR_EMULATION,
@@ -64,13 +64,14 @@ from .kvm.constants import (
     KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 )
+from .kvm.exits import MMIO_DATA
 from .kvm.host import host_backend
 from .kvm.irq import KvmIrqLine
 from .memory import MMIO_HOLE_START, GuestMemory
 from .x86 import emulate
 from .x86.cpuid import vcpu_cpuid
 from .x86.mptable import build_mptable
-from .x86.registers import CR0, CR4, EFER
+from .x86.registers import CR0, CR4, EFER, INT3
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 CMOS_PORT = 0x70
@@ -97,17 +98,9 @@ IDLE_POLL = 0.2     # seconds between idle probes when HLT is handled inside KVM
 FIRMWARE_END = 1 << 32
 
 
-_KICK_SIGNAL = signal.SIGUSR1
+KICK_SIGNAL = signal.SIGUSR1   # sent to a vCPU thread to make KVM_RUN return (never delivered: see below)
+JOIN_POLL = 0.1     # seconds: how often the end of a run re-kicks vCPU threads it is joining
 _PARKED = (KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_INIT_RECEIVED)
-_UNPACK = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
-# struct kvm_run, read in one unpack per exit (offsets proven by tests/test_abi.py):
-# exit_reason at 8; io {direction, size, port, count, data_offset} at 32.
-_RUN_IO = struct.Struct("<I20xBBHIQ")
-_IO_AT = ffi.offsetof("struct kvm_run", "exit_reason")
-# mmio {phys_addr, data[8], len, is_write} at 32.
-_RUN_MMIO = struct.Struct("<Q8xIB")
-_MMIO_AT = ffi.offsetof("struct kvm_run", "mmio")
-_MMIO_DATA = _MMIO_AT + 8
 
 
 @dataclass
@@ -180,7 +173,7 @@ class Machine:
         supported = self.kvm.get_supported_cpuid()
         for vcpu in self.vcpus:
             vcpu.set_cpuid2(vcpu_cpuid(supported, apic_id=vcpu.id, ncpus=cpus))
-        self.exit_counts = [[0] * 64 for _ in self.vcpus]   # per vCPU, per exit reason
+        self.exit_counts: list[Counter[int]] = [Counter() for _ in self.vcpus]   # per vCPU: reason -> exits
         self.emulated: Counter[str] = Counter()   # instructions completed by pykvm.x86.emulate
         # Seeing inside (pykvm/debug): statistics are always collected, per vCPU; the tracer and the
         # debug control (single-step, gdb) are set by the caller before run(), or stay None.
@@ -190,9 +183,13 @@ class Machine:
         # Idle detection (in-kernel irqchip only): what each vCPU reported when last probed.
         self._probe = [False] * cpus
         self._idle: list[tuple[int, int, int] | None] = [None] * cpus   # (mp_state, if_flag, exits)
-        self._result: RunResult | None = None
-        self._result_lock = threading.Lock()
+        self._results: list[RunResult] = []    # why the run ended; the first one counts
         self._done = threading.Event()
+        # Pause (Machine.pause): vCPU threads hold on this condition while _pause_requested.
+        self._hold = threading.Condition()
+        self._pause_requested = False
+        self._held = 0          # vCPU threads holding
+        self._running = 0       # vCPU threads in their exit loop
 
     def close(self) -> None:
         self.stop_threads()
@@ -230,14 +227,20 @@ class Machine:
 
     # --- ending a run ----------------------------------------------------------------------
     def end(self, status: int, reason: str, report: str = "") -> None:
-        """Record why the run ends (the first reason wins) and make every vCPU leave KVM_RUN."""
-        with self._result_lock:
-            if self._result is None:
-                self._result = RunResult(status, reason, report)
+        """Record why the run ends (the first reason wins) and make every vCPU leave KVM_RUN.
+
+        Callable from any thread, any number of times; takes no lock a signal could leave held
+        (the first of the appended results wins: ``list.append`` is atomic)."""
+        self._results.append(RunResult(status, reason, report))
         self._done.set()
+        self._wake_held()
         self.kick_all()
         if self.debug is not None:   # vCPUs stopped for a debugger must wake up to leave
-            self.debug.machine_ended(self._result)
+            self.debug.machine_ended(self._results[0])
+
+    @property
+    def _result(self) -> RunResult | None:
+        return self._results[0] if self._results else None
 
     def _on_reset(self) -> None:
         self.end(STATUS_OK, "the guest reset the machine (i8042 reset line)")
@@ -249,59 +252,122 @@ class Machine:
         self.end(status, f"guest wrote {value:#x} to the debug-exit port")
 
     def kick_all(self) -> None:
+        """Force every vCPU thread out of KVM_RUN (see :meth:`_kick`); any thread."""
         for i in range(len(self._threads)):
             self._kick(i)
 
     def _kick(self, i: int) -> None:
         """Force vCPU i's thread out of KVM_RUN: immediate_exit covers a thread about to enter,
-        the signal interrupts one already inside (KVM_RUN returns EINTR)."""
-        run, thread = self.vcpus[i].run_struct, self._threads[i]
+        KICK_SIGNAL one already inside (KVM_RUN returns EINTR; see :func:`_start_vcpu_thread`)."""
+        threads = self._threads
+        if i >= len(threads):
+            return
+        run, thread = self.vcpus[i].run_struct, threads[i]
         if run is not None:
             run.immediate_exit = 1
         if thread.is_alive() and thread.ident is not None and thread is not threading.current_thread():
             try:
-                signal.pthread_kill(thread.ident, _KICK_SIGNAL)
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
             except (ProcessLookupError, OSError):
                 pass
 
     def stop_threads(self) -> None:
+        """End the run (if any) and join every vCPU thread."""
         if self._threads:
             self.end(STATUS_CRASH, "stopped")
-            for thread in self._threads:
-                thread.join()
-            self._threads = []
+            self._join_all()
+
+    # --- pause and resume --------------------------------------------------------------------
+    def pause(self, timeout: float | None = None) -> bool:
+        """Make every vCPU leave KVM_RUN and stay out; returns once all are out or the run ended
+        (True), or after ``timeout`` seconds if given (False: some vCPU has not left yet).
+
+        Callable from any thread but a vCPU's. A paused vCPU waits on a condition variable (no
+        CPU). The guest's state stays in KVM, so :meth:`resume` continues exactly where it was."""
+        with self._hold:
+            self._pause_requested = True
+        self.kick_all()
+        with self._hold:
+            return self._hold.wait_for(lambda: self._done.is_set() or self._held >= self._running, timeout)
+
+    def resume(self) -> None:
+        """Let paused vCPUs run again (a no-op when not paused); any thread."""
+        with self._hold:
+            self._pause_requested = False
+            self._hold.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        """True between pause() and resume()."""
+        return self._pause_requested
+
+    def _hold_if_paused(self) -> bool:
+        """vCPU thread, out of KVM_RUN: wait while the machine is paused. True if it waited."""
+        if not self._pause_requested:
+            return False
+        with self._hold:
+            self._held += 1
+            self._hold.notify_all()
+            while self._pause_requested and not self._done.is_set():
+                self._hold.wait()
+            self._held -= 1
+        return True
+
+    def _wake_held(self) -> None:
+        with self._hold:
+            self._hold.notify_all()
 
     # --- running ---------------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> RunResult:
-        """Run until the guest ends; returns how it ended. Ctrl-C ends it with status 130."""
-        in_main = threading.current_thread() is threading.main_thread()
-        old_handler = signal.signal(_KICK_SIGNAL, _ignore_signal) if in_main else None
-        self._threads = [threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.id}",
-                                          daemon=True) for vcpu in self.vcpus]
+        """Run until the guest ends; returns how it ended. Callable from any thread.
+
+        ``timeout`` is in seconds (None: no limit); expiry ends the run with status 124. Ctrl-C
+        (KeyboardInterrupt in the calling thread) ends it with status 130. Raises UsageError for a
+        timeout that is not a finite number >= 0."""
+        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
+                                        and timeout >= 0):
+            raise UsageError(f"the timeout must be a finite number of seconds >= 0, not {timeout!r}")
+        # Threads inherit the signal mask: block the kick signal before creating them, so that
+        # no kick can ever reach a vCPU thread unblocked (see _start_vcpu_thread).
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
         try:
+            self._threads = [threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.id}",
+                                              daemon=True) for vcpu in self.vcpus]
+            self._running = len(self._threads)
             for thread in self._threads:
                 thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        try:
             self._wait(timeout)
         except KeyboardInterrupt:
             self.end(STATUS_INTERRUPTED, "interrupted (Ctrl-C)")
         finally:
-            self.kick_all()
-            for thread in self._threads:
-                thread.join()
-            self._threads = []
-            if in_main:
-                signal.signal(_KICK_SIGNAL, old_handler)
+            self._join_all()
         assert self._result is not None
         return self._result
+
+    def _join_all(self) -> None:
+        """Kick and join every vCPU thread; a second Ctrl-C meanwhile cannot leave one behind."""
+        while self._threads:
+            try:
+                if not self._done.is_set():
+                    self.end(STATUS_CRASH, "stopped")
+                self.kick_all()
+                for thread in self._threads:
+                    thread.join(JOIN_POLL)
+                if not any(thread.is_alive() for thread in self._threads):
+                    self._threads = []
+            except KeyboardInterrupt:
+                self.end(STATUS_INTERRUPTED, "interrupted (Ctrl-C)")
 
     def _wait(self, timeout: float | None) -> None:
         """Wait for the end; meanwhile enforce the timeout and look for a machine that went idle."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            wait = IDLE_POLL if self.irqchip else None
+            wait = IDLE_POLL if self.irqchip else JOIN_POLL * 10
             if deadline is not None:
-                left = max(deadline - time.monotonic(), 0)
-                wait = left if wait is None else min(wait, left)
+                wait = min(wait, max(deadline - time.monotonic(), 0.0))
             if self._done.wait(wait):
                 return
             if deadline is not None and time.monotonic() >= deadline:
@@ -316,12 +382,12 @@ class Machine:
         since it was last seen (kick it out; it reports its MP state). When every vCPU is halted
         with interrupts off, or parked waiting for a SIPI, and none has run since saying so, the
         machine can never do anything again: the run ends, as it would on a HLT exit."""
-        if self.debug is not None and self.debug.holding():
-            return    # stopped in the debugger: not idle, and the vCPUs cannot answer a probe
+        if self._pause_requested or (self.debug is not None and self.debug.holding()):
+            return    # paused or stopped in the debugger: not idle, and the vCPUs cannot answer a probe
         dead = 0
         for i in range(len(self.vcpus)):
             idle = self._idle[i]
-            if idle is not None and idle[2] == sum(self.exit_counts[i]):
+            if idle is not None and idle[2] == self.exit_counts[i].total():
                 state, if_flag, _ = idle
                 if (state == KVM_MP_STATE_HALTED and not if_flag) or state in _PARKED:
                     dead += 1
@@ -333,6 +399,7 @@ class Machine:
 
     def _vcpu_thread(self, vcpu) -> None:
         try:
+            _start_vcpu_thread(vcpu)
             self._exit_loop(vcpu)
         except PykvmError as e:
             self.end(STATUS_CRASH, f"vCPU {vcpu.id}: {e}", self.describe_vcpu(vcpu))
@@ -340,194 +407,34 @@ class Machine:
             import traceback
             self.end(STATUS_CRASH, f"vCPU {vcpu.id}: internal error in pykvm: {e!r}",
                      traceback.format_exc())
+        finally:
+            with self._hold:
+                self._running -= 1
+                self._hold.notify_all()
 
     def _exit_loop(self, vcpu) -> None:
-        """The VM-exit loop of one vCPU: KVM_RUN, dispatch on the exit reason, repeat.
+        """The VM-exit loop of one vCPU: run to the next exit, hand it to its handler, repeat.
 
-        This is the hot path, so it binds everything to locals, calls the ioctl directly rather
-        than through Vcpu.run, reads each exit with a single struct unpack over the kvm_run page,
-        and finds port devices in the bus's cache. Rarer exits go through a table.
-
-        Every exit's handling time (KVM_RUN's return to the next KVM_RUN) goes into the record of
-        its port, MMIO address or reason (pykvm.debug.stats): recorded at the top of the next
-        iteration, or in the ``finally`` for the last one. Tracing costs one ``is not None`` test
-        when off; the debug control (gdb, --step) is consulted only on INTR and DEBUG exits."""
-        run = vcpu.run_struct
-        data = memoryview(vcpu._map)
-        counts = self.exit_counts[vcpu.id]
-        ioctl, fd, request, null = libc.ioctl, vcpu.fd, int(Ioctl.KVM_RUN), ffi.NULL
-        read_io, read_mmio = _RUN_IO.unpack_from, _RUN_MMIO.unpack_from
-        unpack = {n: s.unpack_from for n, s in _UNPACK.items()}
-        pack = {n: s.pack_into for n, s in _UNPACK.items()}
-        pio, pio_cache, mmio_bus, mmio_cache = self.pio, self.pio.cache, self.mmio, self.mmio.cache
-        done = self._done
-        slow = self._slow_exits
-        IO, MMIO, INTR = int(ExitReason.IO), int(ExitReason.MMIO), int(ExitReason.INTR)
-        stats = self.stats[vcpu.id]
-        by_reason, by_port, by_addr = stats.reasons, stats.pio, stats.mmio
-        pio_record, mmio_record, intr_rec = stats.pio_record, stats.mmio_record, stats.reasons[INTR]
-        now, TOTAL = time.perf_counter_ns, STATS_TOTAL
-        tracer = None if self.tracer is None else self.tracer.for_vcpu(vcpu)
-        debug = self.debug
-        if debug is not None:
-            debug.checkpoint(vcpu)          # --gdb-wait: stopped before the first instruction
-        rec, t0 = stats.scratch, now()      # the statistics record of the exit being handled
-        try:
-            while True:
-                dt = now() - t0
-                rec[(dt * dt).bit_length()] += 1    # half-octave histogram bucket
-                rec[TOTAL] += dt
-                if ioctl(fd, request, null) < 0:
-                    err = ffi.errno
-                    t0, rec = now(), intr_rec
-                    if err != errno.EINTR and err != errno.EAGAIN:
-                        raise KvmError(Ioctl.KVM_RUN, err, f"vcpu {vcpu.id}")
-                    counts[INTR] += 1           # a kick (or a woken AP): see whether we should stop
-                    run.immediate_exit = 0
-                    if done.is_set():
-                        return
-                    if self._probe[vcpu.id]:
-                        self._probe[vcpu.id] = False
-                        self._idle[vcpu.id] = (vcpu.get_mp_state(), run.if_flag, sum(counts))
-                    if debug is not None and debug.checkpoint(vcpu):
-                        t0 = now()              # time stopped in the debugger is not handling time
-                    continue
-                t0 = now()
-                reason, direction, size, port, count, off = read_io(data, _IO_AT)
-                counts[reason] += 1
-                if reason == IO:
-                    rec = by_port.get(port) or pio_record(port)
-                    if count == 1:
-                        hit = pio_cache.get(port)       # (device.read, device.write, offset)
-                        if direction == KVM_EXIT_IO_OUT:
-                            if hit is None:
-                                pio.write(port, size, unpack[size](data, off)[0])
-                            else:
-                                hit[1](hit[2], size, unpack[size](data, off)[0])
-                        else:
-                            pack[size](data, off, pio.read(port, size) if hit is None else hit[0](hit[2], size))
-                    else:
-                        self._string_io(vcpu, port, size, count, off, direction == KVM_EXIT_IO_OUT)
-                elif reason == MMIO:
-                    addr, n, is_write = read_mmio(data, _MMIO_AT)
-                    rec = by_addr.get(addr) or mmio_record(addr)
-                    if n not in unpack:
-                        raise PykvmError(f"MMIO access of {n} bytes at {addr:#x}: KVM should never report that")
-                    hit = mmio_cache.get(addr)
-                    if is_write:
-                        if hit is None:
-                            mmio_bus.write(addr, n, unpack[n](data, _MMIO_DATA)[0])
-                        else:
-                            hit[1](hit[2], n, unpack[n](data, _MMIO_DATA)[0])
-                    else:
-                        pack[n](data, _MMIO_DATA, mmio_bus.read(addr, n) if hit is None else hit[0](hit[2], n))
-                else:
-                    rec = by_reason[reason]
-                    handler = slow.get(reason)
-                    if handler is None:
-                        self.end(STATUS_CRASH, f"vCPU {vcpu.id}: unhandled exit reason {_reason_name(reason)}",
-                                 self.describe_vcpu(vcpu))
-                        return
-                    if handler(vcpu):               # True: the vCPU was stopped for the debugger
-                        t0 = now()
-                    # A handler that ends the run kicked this vCPU too (immediate_exit): the next
-                    # KVM_RUN returns at once with EINTR and the loop leaves there.
-                if tracer is not None:
-                    tracer()
-        finally:
-            dt = now() - t0
-            rec[(dt * dt).bit_length()] += 1
-            rec[TOTAL] += dt
-
-    def _string_io(self, vcpu, port: int, size: int, count: int, off: int, out: bool) -> None:
-        """rep outs/ins: ``count`` elements of ``size`` bytes in the kvm_run data area, one by one."""
-        buf = vcpu.run_data(off, size * count)
-        unpack = _UNPACK[size]
-        for i in range(count):
-            if out:
-                self.pio.write(port, size, unpack.unpack_from(buf, i * size)[0])
-            else:
-                unpack.pack_into(buf, i * size, self.pio.read(port, size))
-
-    # --- the rarer exits -------------------------------------------------------------------
-    @property
-    def _slow_exits(self) -> dict[int, Callable]:
-        return {
-            ExitReason.HLT: self._on_hlt,
-            ExitReason.SHUTDOWN: self._on_shutdown,
-            ExitReason.FAIL_ENTRY: self._on_fail_entry,
-            ExitReason.INTERNAL_ERROR: self._on_internal_error,
-            ExitReason.SYSTEM_EVENT: self._on_system_event,
-            ExitReason.DEBUG: self._on_debug,
-        }
-
-    def _on_debug(self, vcpu) -> bool:
-        """KVM_EXIT_DEBUG: a single-step, hardware or software breakpoint of the debug control.
-        Returns True when the vCPU was stopped for the debugger."""
-        if self.debug is None:   # nobody asked for guest debugging: KVM should never exit so
-            self.end(STATUS_CRASH, f"vCPU {vcpu.id}: unexpected KVM_EXIT_DEBUG", self.describe_vcpu(vcpu))
-            return False
-        return self.debug.on_debug_exit(vcpu)
-
-    def _on_hlt(self, vcpu) -> None:
-        # Only seen without an in-kernel irqchip: then nothing can ever wake the vCPU again.
-        if vcpu.run_struct.if_flag:
-            self.end(STATUS_OK, f"vCPU {vcpu.id} halted with interrupts enabled, but this machine has no "
-                                "interrupt source to wake it")
-        else:
-            self.end(STATUS_OK, f"vCPU {vcpu.id} halted with interrupts disabled")
-
-    def _on_shutdown(self, vcpu) -> None:
-        self.end(STATUS_CRASH, f"vCPU {vcpu.id}: triple fault (KVM_EXIT_SHUTDOWN): the guest took an exception "
-                               "it could not handle", self.describe_vcpu(vcpu))
-
-    def _on_fail_entry(self, vcpu) -> None:
-        reason = vcpu.run_struct.fail_entry.hardware_entry_failure_reason
-        self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware "
-                               f"reason {reason:#x}): the vCPU state is invalid", self.describe_vcpu(vcpu))
-
-    def _on_internal_error(self, vcpu) -> bool | None:
-        suberror = vcpu.run_struct.internal.suberror
-        if suberror != KVM_INTERNAL_ERROR_EMULATION:
-            self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM internal error, suberror {suberror}"
-                     + _suberror_text(suberror), self.describe_vcpu(vcpu))
-            return
-        insn = self._failed_instruction(vcpu)
-        if self.debug is not None and insn[:1] == bytes([emulate.INT3]) and self.debug.on_int3(vcpu):
-            return True   # one of gdb's breakpoints (kvm_pvm: int3 at CPL0 is an emulation failure)
-        outcome = emulate.complete(vcpu, insn)
-        self.emulated[outcome.reason] += 1
-        if outcome.resumed:
-            return
-        if outcome.reset:
-            self.end(STATUS_OK, f"vCPU {vcpu.id}: {outcome.reason}")
-            return
-        self.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM could not emulate {_name_instruction(vcpu, insn)} at RIP, "
-                 "and it is not one of the instructions pykvm completes (int3, fwait)", self.describe_vcpu(vcpu))
-
-    def _failed_instruction(self, vcpu) -> bytes:
-        """The bytes of the instruction KVM gave up on: from the exit when KVM supplies them
-        (KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES), else read at RIP through the
-        guest's page tables."""
-        failure = vcpu.run_struct.emulation_failure
-        if failure.ndata >= 3 and failure.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
-            return bytes(failure.insn_bytes[0:min(failure.insn_size, 15)])
-        from .debug.report import code_at_rip
-        try:
-            return code_at_rip(vcpu, self.memory, 15)[1]
-        except Exception:   # RIP may point anywhere: then there is nothing to complete
-            return b""
-
-    def _on_system_event(self, vcpu) -> None:
-        kind = vcpu.run_struct.system_event.type
-        if kind == KVM_SYSTEM_EVENT_SHUTDOWN:
-            self.end(STATUS_OK, "the guest powered off")
-        elif kind == KVM_SYSTEM_EVENT_RESET:
-            self.end(STATUS_OK, "the guest asked for a reset")
-        elif kind == KVM_SYSTEM_EVENT_CRASH:
-            self.end(STATUS_CRASH, "the guest reported a crash", self.describe_vcpu(vcpu))
-        else:
-            self.end(STATUS_CRASH, f"unhandled system event {kind}", self.describe_vcpu(vcpu))
+        A handler (:class:`ExitHandlers`) returns the statistics record the exit is charged to,
+        or None to leave the loop. The time charged is pykvm's handling of the exit, from
+        KVM_RUN's return to the next KVM_RUN (pykvm.debug.stats). Kicks, pause, idle probes and
+        the debugger's checkpoint are all in the handler of an interrupted run (INTR)."""
+        handlers = ExitHandlers(self, vcpu)
+        table, unknown, run = handlers.table, handlers.on_unknown, vcpu.run
+        counts, record, now = self.exit_counts[vcpu.id], self.stats[vcpu.id].record, time.perf_counter_ns
+        trace = None if self.tracer is None else self.tracer.for_vcpu(vcpu)
+        if handlers.checkpoint():
+            return                          # ended while held before the first instruction
+        while True:
+            exit = run()
+            t0 = now()
+            counts[exit[0]] += 1
+            rec = table.get(exit[0], unknown)(exit)
+            if rec is None:
+                return
+            if trace is not None:
+                trace()
+            record(rec, now() - t0)
 
     # --- reports ---------------------------------------------------------------------------
     def describe_vcpu(self, vcpu) -> str:
@@ -537,6 +444,237 @@ class Machine:
             return describe_vcpu(vcpu, self.memory)
         except Exception as e:   # the report must never hide the original problem
             return f"(could not read vCPU {vcpu.id} state: {e})"
+
+
+class _BySize(dict):
+    """size -> accessor of the kvm_run data area; a size KVM should never report is a clear error."""
+
+    def __missing__(self, size):
+        raise PykvmError(f"an access of {size} bytes: KVM reports port I/O of 1, 2 or 4 and MMIO of 1 to 8")
+
+
+def _get_bytes(n: int):
+    def get(buf, at: int) -> tuple[int]:
+        return (int.from_bytes(buf[at:at + n], "little"),)
+    return get
+
+
+def _put_bytes(n: int):
+    def put(buf, at: int, value: int) -> None:
+        buf[at:at + n] = value.to_bytes(n, "little")
+    return put
+
+
+_STRUCTS = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+_GET = _BySize({n: _STRUCTS[n].unpack_from if n in _STRUCTS else _get_bytes(n) for n in range(1, 9)})
+_PUT = _BySize({n: _STRUCTS[n].pack_into if n in _STRUCTS else _put_bytes(n) for n in range(1, 9)})
+
+
+class ExitHandlers:
+    """What each kind of exit does, for one vCPU: ``table[reason](exit)``.
+
+    ``exit`` is the tuple :meth:`pykvm.kvm.Vcpu.run` returns (pykvm.kvm.exits). A handler returns
+    the statistics record to charge the exit to, or None when the vCPU must leave its loop (the run
+    is over). Only the parts of the machine an exit touches are used (``pio``, ``mmio``, ``stats``,
+    ``exit_counts``, ``end``, ``debug``, ``memory``, ``emulated``, ``describe_vcpu``, pause and
+    idle-probe state), so tests/test_dispatch.py builds one around stand-ins and feeds it canned
+    exits without /dev/kvm."""
+
+    def __init__(self, machine, vcpu) -> None:
+        self.machine, self.vcpu = machine, vcpu
+        self.stats = machine.stats[vcpu.id]
+        self.table: dict[int, Callable[[tuple], list[int] | None]] = {
+            ExitReason.IO: self._io_handler(),
+            ExitReason.MMIO: self._mmio_handler(),
+            ExitReason.INTR: self.on_interrupted,
+            ExitReason.HLT: self.on_hlt,
+            ExitReason.SHUTDOWN: self.on_shutdown,
+            ExitReason.FAIL_ENTRY: self.on_fail_entry,
+            ExitReason.INTERNAL_ERROR: self.on_internal_error,
+            ExitReason.SYSTEM_EVENT: self.on_system_event,
+            ExitReason.DEBUG: self.on_debug,
+        }
+
+    # --- the frequent exits: closures over what they need, one Bus lookup (its cache) each ---
+    def _io_handler(self) -> Callable[[tuple], list[int]]:
+        buf, read, write = self.vcpu.run_buffer, self.machine.pio.read, self.machine.pio.write
+        records, new_record, string_io = self.stats.pio, self.stats.pio_record, self.string_io
+
+        def on_io(exit: tuple) -> list[int]:
+            """KVM_EXIT_IO: the data is at data_offset in the kvm_run mapping."""
+            _, direction, size, port, count, offset = exit
+            if count != 1:
+                string_io(direction == KVM_EXIT_IO_OUT, size, port, count, offset)
+            elif direction == KVM_EXIT_IO_OUT:
+                write(port, size, _GET[size](buf, offset)[0])
+            else:
+                _PUT[size](buf, offset, read(port, size))
+            return records.get(port) or new_record(port)
+        return on_io
+
+    def _mmio_handler(self) -> Callable[[tuple], list[int]]:
+        buf, read, write = self.vcpu.run_buffer, self.machine.mmio.read, self.machine.mmio.write
+        records, new_record = self.stats.mmio, self.stats.mmio_record
+
+        def on_mmio(exit: tuple) -> list[int]:
+            """KVM_EXIT_MMIO: 1 to 8 bytes, the data in kvm_run's mmio.data."""
+            _, addr, size, is_write = exit
+            if is_write:
+                write(addr, size, _GET[size](buf, MMIO_DATA)[0])
+            else:
+                _PUT[size](buf, MMIO_DATA, read(addr, size))
+            return records.get(addr) or new_record(addr)
+        return on_mmio
+
+    def string_io(self, out: bool, size: int, port: int, count: int, offset: int) -> None:
+        """rep outs/ins: ``count`` elements of ``size`` bytes in the kvm_run data area, one by one."""
+        data, bus = self.vcpu.run_data(offset, size * count), self.machine.pio
+        get, put = _GET[size], _PUT[size]
+        for i in range(count):
+            if out:
+                bus.write(port, size, get(data, i * size)[0])
+            else:
+                put(data, i * size, bus.read(port, size))
+
+    # --- an interrupted run: kicks, pause, idle probes, the debugger ---------------------------
+    def checkpoint(self) -> bool:
+        """Before the first KVM_RUN and after a kick: hold while paused or stopped in the debugger.
+        Returns True if the run is over."""
+        machine, vcpu = self.machine, self.vcpu
+        machine._hold_if_paused()
+        if machine.debug is not None:
+            machine.debug.checkpoint(vcpu)
+        return machine._done.is_set()
+
+    def on_interrupted(self, exit: tuple) -> list[int] | None:
+        """KVM_EXIT_INTR (KVM_RUN returned EINTR/EAGAIN): someone wants this vCPU's attention."""
+        machine, vcpu, rec = self.machine, self.vcpu, self.stats.reasons[ExitReason.INTR]
+        vcpu.run_struct.immediate_exit = 0
+        _drain_kicks()
+        if machine._done.is_set():
+            return None
+        if machine._probe[vcpu.id]:
+            machine._probe[vcpu.id] = False
+            machine._idle[vcpu.id] = (vcpu.get_mp_state(), vcpu.run_struct.if_flag,
+                                      machine.exit_counts[vcpu.id].total())
+        if machine._pause_requested or (machine.debug is not None and machine.debug.holding()):
+            handled = time.perf_counter_ns()
+            if self.checkpoint():
+                return None
+            self.stats.record(rec, time.perf_counter_ns() - handled)  # not the time held
+            return self.stats.scratch
+        if machine.debug is not None and machine.debug.checkpoint(vcpu):
+            return self.stats.scratch
+        return rec
+
+    # --- the rarer exits ---------------------------------------------------------------------
+    def on_unknown(self, exit: tuple) -> None:
+        """Any exit reason pykvm has no handler for: the run ends with status 4."""
+        self.machine.end(STATUS_CRASH, f"vCPU {self.vcpu.id}: unhandled exit reason {_reason_name(exit[0])}",
+                         self.machine.describe_vcpu(self.vcpu))
+        return None
+
+    def on_debug(self, exit: tuple) -> list[int]:
+        """KVM_EXIT_DEBUG: a single-step, hardware or software breakpoint of the debug control."""
+        machine, vcpu = self.machine, self.vcpu
+        if machine.debug is None:   # nobody asked for guest debugging: KVM should never exit so
+            machine.end(STATUS_CRASH, f"vCPU {vcpu.id}: unexpected KVM_EXIT_DEBUG", machine.describe_vcpu(vcpu))
+        elif machine.debug.on_debug_exit(vcpu):
+            return self.stats.scratch     # stopped for the debugger: that time is not handling
+        return self.stats.reasons[ExitReason.DEBUG]
+
+    def on_hlt(self, exit: tuple) -> list[int]:
+        """KVM_EXIT_HLT, seen only without an in-kernel irqchip: nothing can ever wake the vCPU."""
+        vcpu = self.vcpu
+        if vcpu.run_struct.if_flag:
+            self.machine.end(STATUS_OK, f"vCPU {vcpu.id} halted with interrupts enabled, but this machine has "
+                                        "no interrupt source to wake it")
+        else:
+            self.machine.end(STATUS_OK, f"vCPU {vcpu.id} halted with interrupts disabled")
+        return self.stats.reasons[ExitReason.HLT]
+
+    def on_shutdown(self, exit: tuple) -> list[int]:
+        """KVM_EXIT_SHUTDOWN: a triple fault."""
+        self.machine.end(STATUS_CRASH, f"vCPU {self.vcpu.id}: triple fault (KVM_EXIT_SHUTDOWN): the guest took "
+                         "an exception it could not handle", self.machine.describe_vcpu(self.vcpu))
+        return self.stats.reasons[ExitReason.SHUTDOWN]
+
+    def on_fail_entry(self, exit: tuple) -> list[int]:
+        """KVM_EXIT_FAIL_ENTRY: the vCPU state is one the hardware refuses to enter."""
+        _, reason, _cpu = exit
+        self.machine.end(STATUS_CRASH, f"vCPU {self.vcpu.id}: KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, "
+                         f"hardware reason {reason:#x}): the vCPU state is invalid",
+                         self.machine.describe_vcpu(self.vcpu))
+        return self.stats.reasons[ExitReason.FAIL_ENTRY]
+
+    def on_system_event(self, exit: tuple) -> list[int]:
+        """KVM_EXIT_SYSTEM_EVENT: shutdown, reset or a crash the guest reported."""
+        kind, machine = exit[1], self.machine
+        if kind == KVM_SYSTEM_EVENT_SHUTDOWN:
+            machine.end(STATUS_OK, "the guest powered off")
+        elif kind == KVM_SYSTEM_EVENT_RESET:
+            machine.end(STATUS_OK, "the guest asked for a reset")
+        elif kind == KVM_SYSTEM_EVENT_CRASH:
+            machine.end(STATUS_CRASH, "the guest reported a crash", machine.describe_vcpu(self.vcpu))
+        else:
+            machine.end(STATUS_CRASH, f"unhandled system event {kind}", machine.describe_vcpu(self.vcpu))
+        return self.stats.reasons[ExitReason.SYSTEM_EVENT]
+
+    def on_internal_error(self, exit: tuple) -> list[int]:
+        """KVM_EXIT_INTERNAL_ERROR: emulation failures go to pykvm.x86.emulate, the rest end the run."""
+        machine, vcpu, rec = self.machine, self.vcpu, self.stats.reasons[ExitReason.INTERNAL_ERROR]
+        _, suberror, ndata, flags, insn_size, insn_bytes = exit
+        if suberror != KVM_INTERNAL_ERROR_EMULATION:
+            machine.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM internal error, suberror {suberror}"
+                        + _suberror_text(suberror), machine.describe_vcpu(vcpu))
+            return rec
+        if ndata >= 3 and flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            insn = insn_bytes[:min(insn_size, len(insn_bytes))]
+        else:
+            insn = _instruction_at_rip(vcpu, machine.memory)
+        if machine.debug is not None and insn[:1] == bytes([INT3]) and machine.debug.on_int3(vcpu):
+            return self.stats.scratch    # one of gdb's breakpoints (kvm_pvm: int3 at CPL0 is an emulation failure)
+        outcome = emulate.complete(insn, vcpu.get_sregs().idt.limit if insn[:1] == bytes([INT3]) else 1)
+        machine.emulated[outcome.reason] += 1
+        if outcome.resumed:
+            if outcome.advance:
+                vcpu.advance_rip(outcome.advance)
+            if outcome.inject is not None:
+                vcpu.inject_exception(outcome.inject)
+        elif outcome.reset:
+            machine.end(STATUS_OK, f"vCPU {vcpu.id}: {outcome.reason}")
+        else:
+            machine.end(STATUS_CRASH, f"vCPU {vcpu.id}: KVM could not emulate {_name_instruction(vcpu, insn)} at "
+                        "RIP, and it is not one of the instructions pykvm completes (int3, fwait)",
+                        machine.describe_vcpu(vcpu))
+        return rec
+
+
+def _instruction_at_rip(vcpu, memory) -> bytes:
+    """Up to 15 bytes at the vCPU's RIP, read through the guest's page tables; b"" if unreadable."""
+    from .debug.report import code_at_rip
+    try:
+        return code_at_rip(vcpu, memory, 15)[1]
+    except Exception:   # RIP may point anywhere: then there is nothing to complete
+        return b""
+
+
+def _drain_kicks() -> None:
+    """Consume a pending kick signal, so that the next KVM_RUN does not return EINTR at once."""
+    while signal.sigtimedwait((KICK_SIGNAL,), 0) is not None:
+        pass
+
+
+def _start_vcpu_thread(vcpu) -> None:
+    """How kicks reach a vCPU thread without any signal handler (so any thread may run a Machine).
+
+    The thread was created with KICK_SIGNAL blocked (Machine.run blocks it before starting the
+    threads, which inherit the mask). KVM_SET_SIGNAL_MASK makes KVM_RUN run with it *unblocked*:
+    a kick sent while the thread is inside KVM_RUN interrupts it (EINTR); outside, it stays
+    pending, and the INTR handler consumes it with sigtimedwait. It is never delivered, so the
+    signal's default action (terminate) and any handler an embedder set are never involved."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    vcpu.set_signal_mask({int(s) for s in blocked} - {int(KICK_SIGNAL)})
 
 
 def _apply_cpu_state(vcpu, cpu) -> None:
@@ -604,6 +742,3 @@ def _suberror_text(suberror: int) -> str:
         4: " (unexpected exit reason inside KVM)",
     }.get(suberror, "")
 
-
-def _ignore_signal(signum, frame) -> None:
-    pass

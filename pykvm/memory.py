@@ -220,3 +220,64 @@ def parse_size(text: str) -> int:
     if not s.isdigit():
         raise ValueError(f"not a size: {text!r} (use e.g. 64M, 1G, 512K)")
     return int(s) * mult
+
+
+# --- snapshots: RAM backed by a file, dirty-page logging ----------------------------------------
+PAGE_SIZE = 4 * KiB
+
+
+def ram_regions(memory: GuestMemory) -> list[tuple[Region, int]]:
+    """The RAM regions (not ROM) in guest-physical order, each with its offset in a memory file that lays them
+    end to end (pykvm's snapshot memory file)."""
+    out, offset = [], 0
+    for region in memory.regions:
+        if not region.readonly:
+            out.append((region, offset))
+            offset += region.size
+    return out
+
+
+def back_with_file(memory: GuestMemory, vm, fd: int, dirty_log: bool = False) -> None:
+    """Map every RAM region from the open file ``fd`` (regions end to end, see :func:`ram_regions`) as a private
+    copy-on-write mapping, and point its KVM slot there (KVM_SET_USER_MEMORY_REGION: delete, then add again).
+
+    Nothing is read: pages come from the file when the guest touches them, and the guest's writes stay in this
+    process. The file must hold at least the guest's RAM size (the caller checks). ``dirty_log`` sets
+    KVM_MEM_LOG_DIRTY_PAGES on the new slots."""
+    from .kvm.constants import KVM_MEM_LOG_DIRTY_PAGES
+    for region, offset in ram_regions(memory):
+        mm = mmap.mmap(fd, region.size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        vm.set_user_memory_region(region.slot, region.gpa, 0, 0)
+        old_map, old_view = region._map, region._view
+        region._map, region._view = mm, memoryview(mm)
+        vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_addr,
+                                  KVM_MEM_LOG_DIRTY_PAGES if dirty_log else 0)
+        old_view.release()
+        old_map.close()
+
+
+def set_dirty_logging(memory: GuestMemory, vm, on: bool) -> None:
+    """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for every RAM slot (api.rst, KVM_SET_USER_MEMORY_REGION)."""
+    from .kvm.constants import KVM_MEM_LOG_DIRTY_PAGES
+    for region, _ in ram_regions(memory):
+        vm.set_user_memory_region(region.slot, region.gpa, region.size, region.host_addr,
+                                  KVM_MEM_LOG_DIRTY_PAGES if on else 0)
+
+
+def dirty_pages(memory: GuestMemory, vm) -> list[tuple[Region, int, list[int]]]:
+    """For each RAM region: (region, its memory-file offset, the indices of the 4 KiB pages the guest wrote since
+    the last call). KVM_GET_DIRTY_LOG also clears KVM's log, so each call starts a new interval."""
+    out = []
+    for region, offset in ram_regions(memory):
+        pages = region.size // PAGE_SIZE
+        bitmap = ffi.new("uint64_t[]", (pages + 63) // 64)
+        vm.get_dirty_log(region.slot, bitmap)
+        dirty = []
+        for word_index in range(len(bitmap)):
+            word = bitmap[word_index]
+            while word:
+                low = word & -word
+                dirty.append(word_index * 64 + low.bit_length() - 1)
+                word ^= low
+        out.append((region, offset, dirty))
+    return out

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import struct as pystruct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from pykvm.kvm import abi, constants
+from pykvm.kvm import abi, constants, exits
 from pykvm.kvm.abi import ffi
 from pykvm.kvm.constants import Cap, ExitReason, Ioctl
 
@@ -145,7 +146,22 @@ def _constant_checks() -> list[Check]:
     return checks
 
 
-ALL_CHECKS: list[Check] = _struct_checks() + _ioctl_checks() + _constant_checks()
+def _exit_checks() -> list[Check]:
+    """Where pykvm.kvm.exits' struct formats read each kvm_run member, and how wide, vs the header."""
+    checks = []
+    for reason, layout in exits.LAYOUTS.items():
+        codes = [c for c in re.findall(r"\d*[a-zA-Z]", layout.struct.format[1:]) if not c.endswith("x")]
+        for (path, offset), code in zip(layout.offsets.items(), codes, strict=True):
+            size = pystruct.calcsize("<" + code)
+            checks.append(Check("exit", f"{reason.name}: offsetof(struct kvm_run, {path})",
+                                f"offsetof(struct kvm_run, {path})", offset))
+            checks.append(Check("exit", f"{reason.name}: sizeof(struct kvm_run.{path})",
+                                f"sizeof(((struct kvm_run *)0)->{path})", size))
+    checks.append(Check("exit", "MMIO_DATA", "offsetof(struct kvm_run, mmio.data)", exits.MMIO_DATA))
+    return checks
+
+
+ALL_CHECKS: list[Check] = _struct_checks() + _ioctl_checks() + _constant_checks() + _exit_checks()
 
 
 # --- the C probe -----------------------------------------------------------------------------
@@ -286,6 +302,11 @@ def _assert_none(problems: list[str], compared: int, what: str) -> None:
 
 def test_struct_layouts_match_header(probe: ProbeResult) -> None:
     _assert_none(*_mismatches(probe, "struct"), "struct sizes / field offsets, sizes, signedness")
+
+
+def test_exit_decoders_read_the_headers_fields(probe: ProbeResult) -> None:
+    """Vcpu.run()'s typed exits: every member each struct format reads sits where <linux/kvm.h> says."""
+    _assert_none(*_mismatches(probe, "exit"), "kvm_run members read by pykvm.kvm.exits")
 
 
 def test_ioctl_numbers_match_header(probe: ProbeResult) -> None:

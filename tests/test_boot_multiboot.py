@@ -293,7 +293,11 @@ def test_video_flag_is_accepted_without_video_info():
 
 @pytest.mark.parametrize("bit", [17, 20, 31])
 def test_optional_flags_beyond_16_are_ignored(bit):
-    load_multiboot(build_aout(flags=1 << bit), MEM)
+    """An optional flag pykvm does not know changes nothing the kernel gets: the same info
+    structure and the same entry state as without it."""
+    plain, flagged = load_multiboot(build_aout(), MEM), load_multiboot(build_aout(flags=1 << bit), MEM)
+    assert read_info(flagged) == read_info(plain)
+    assert flagged.cpu.regs == plain.cpu.regs and flagged.cpu.mode is plain.cpu.mode
 
 
 def test_memory_info_flag_is_honoured():

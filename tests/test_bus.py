@@ -70,3 +70,18 @@ def test_mmio_test_device_registers():
     assert dev.read(0x10, 4) == (~0x55667788) & 0xFFFFFFFF
     dev.write(0, 4, 0)   # ID is read-only
     assert dev.read(0, 4) == ID
+
+
+def test_a_sink_claims_its_ports_reads_all_ones_and_keeps_the_last_write():
+    from pykvm.devices.sink import POST_PORT, Sink
+    bus = Bus("port I/O")
+    post = Sink("POST")
+    bus.attach(post, POST_PORT, 1)
+    bus.attach(Sink("PIT"), 0x40, 4)
+    assert [bus.read(POST_PORT, n) for n in (1, 2, 4)] == [0xFF, 0xFFFF, 0xFFFF_FFFF]
+    assert bus.read(0x41, 1) == 0xFF
+    bus.write(POST_PORT, 1, 0x42)
+    bus.write(0x43, 1, 0x34)
+    assert post.last == 0x42 and bus.unclaimed == {}     # claimed: probing it is not a stray access
+    bus.read(0x44, 1)
+    assert bus.unclaimed == {0x44: 1}

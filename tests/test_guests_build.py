@@ -30,6 +30,7 @@ EXPECTED = {
     "exitloop.bin",
     "int3.bin",
     "gdbtest.bin",
+    "count.bin",
     "gdbtest.elf",
     "mbinfo.elf",
     "smp.elf",

@@ -43,10 +43,15 @@ def test_rejected_write_changes_nothing(mem, gpa, n):
     """A write that does not fit entirely is refused before a byte lands (no partial writes)."""
     mem.fill(SIZE - 32, 32, 0xAA)
     before = mem.read(SIZE - 32, 32)
-    if gpa + n > SIZE:
+    if gpa < 0 or gpa + n > SIZE:
         with pytest.raises(GuestMemoryError):
             mem.write(gpa, b"\x55" * n)
         assert mem.read(SIZE - 32, 32) == before
+    else:   # a write that fits lands exactly where asked, and nowhere else
+        mem.write(gpa, b"\x55" * n)
+        expected = bytearray(before)
+        expected[gpa - (SIZE - 32):gpa - (SIZE - 32) + n] = b"\x55" * n
+        assert mem.read(SIZE - 32, 32) == bytes(expected)
 
 
 @settings(max_examples=200, deadline=None)

@@ -51,6 +51,11 @@ def test_an_s_inside_a_broken_match_starts_a_new_one(port: Recorder) -> None:
     assert port.poweroffs == 1
 
 
+def test_the_s_that_breaks_a_match_is_itself_a_new_start(port: Recorder) -> None:
+    port.outsb(b"ShutShutdown")       # the second S both breaks "Shut..." and begins "Shutdown"
+    assert port.poweroffs == 1
+
+
 def test_case_matters(port: Recorder) -> None:
     port.outsb(b"shutdown")
     port.outsb(b"SHUTDOWN")

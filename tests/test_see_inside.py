@@ -41,8 +41,10 @@ def test_trace_filter_and_mmio_writes():
     assert not any("0xd0000000 " in line or "0xd0000010" in line for line in lines)
     write = [line for line in lines if " write " in line]
     # the MMIO write is reported with RIP already past it; the tracer finds the instruction
-    assert len(write) == 1 and "size=8 value=0x1122334455667788" in write[0]
+    assert len(write) == 2 and "size=8 value=0x1122334455667788" in write[0]
     assert write[0].endswith("mov qword ptr [rbx + 8], rax")
+    assert "size=8 value=0x1812345678" in write[1]          # the far pointer the guest then loads with lfs
+    assert any(" read " in line and "size=6" in line and "lfs edx" in line for line in lines)
 
 
 def test_trace_reads_the_same_registers_with_or_without_sync_regs():
@@ -99,8 +101,8 @@ def test_step_over_port_and_mmio_writes_is_exact():
     assert r.returncode == 0, r.stderr
     steps = [line.split()[2:4] for line in r.stderr.decode().splitlines() if line.startswith("step ")]
     addrs = [int(a.rstrip(":"), 16) for a, _ in steps]
-    write = addrs.index(0x801E)                     # mov qword ptr [rbx + 8], rax (the MMIO write)
-    assert addrs[write + 1] == 0x8022
+    write = addrs.index(0x8022)                     # mov qword ptr [rbx + 8], rax (the MMIO write)
+    assert addrs[write + 1] == 0x8026
     outs = [i for i, (_, first_byte) in enumerate(steps) if first_byte == "ee"]   # out dx, al
     assert outs and all(addrs[i + 1] == addrs[i] + 1 for i in outs if i + 1 < len(addrs))
 

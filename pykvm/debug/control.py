@@ -41,18 +41,17 @@ from ..kvm.constants import (
     KVM_GUESTDBG_USE_SW_BP,
 )
 from ..memory import GuestMemoryError
-from ..x86.emulate import inject_exception
 from ..x86.modes import mode_of
 from ..x86.paging import PageFault
+from ..x86.registers import INT3, Vector
 from .disasm import decode, text_of, transfers_control
 from .report import code_bits
 from .vmem import read_virtual, to_physical, write_virtual
 
 SIGINT, SIGTRAP = 2, 5
-DB_VECTOR, BP_VECTOR = 1, 3
+DB_VECTOR, BP_VECTOR = Vector.DB, Vector.BP
 DR6_BS = 1 << 14              # DR6: single-step trap
 DR7_FIXED = 1 << 10           # DR7 bit 10 reads as 1
-INT3 = 0xCC
 NSLOTS = 4                    # DR0-DR3
 # DR7 R/W field per kind of hardware breakpoint (gdb's Z1..Z4)
 HW_EXEC, HW_WRITE, HW_ACCESS = 0, 1, 3
@@ -138,7 +137,7 @@ class DebugControl:
         if exception == BP_VECTOR:
             if pc in self.sw:
                 return self._stop(vcpu, StopEvent(vcpu.id, SIGTRAP, "swbreak", pc))
-            inject_exception(vcpu, BP_VECTOR)   # the guest's own int3: KVM delivers it as a soft exception
+            vcpu.inject_exception(BP_VECTOR)   # the guest's own int3: KVM delivers it as a soft exception
             return False
         if exception != DB_VECTOR:
             return False
@@ -160,7 +159,7 @@ class DebugControl:
                 kind = {HW_EXEC: "hwbreak", HW_WRITE: "watch", HW_ACCESS: "awatch"}[bp.kind]
                 return self._stop(vcpu, StopEvent(vcpu.id, SIGTRAP, kind, bp.addr))
         if not stepped:             # not ours: the guest's own debug exception
-            inject_exception(vcpu, DB_VECTOR)
+            vcpu.inject_exception(DB_VECTOR)
         return False
 
     def on_int3(self, vcpu) -> bool:

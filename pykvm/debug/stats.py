@@ -4,7 +4,8 @@ Always collected, so the exit loop pays for them on every exit; they are built f
 
 * One *record* per exit reason, per port and per MMIO address, and per vCPU (no locks, no
   races): a flat list of ``BUCKETS`` histogram counters followed by the total in ns. Recording
-  an exit is two list increments, and the record of a port is found with one dict lookup.
+  an exit (:func:`record`, the one place the bucket formula is written) is two list increments,
+  and the record of a port is found with one dict lookup.
 * Time is *handling* time: from KVM_RUN's return to the next KVM_RUN (``time.perf_counter_ns``),
   i.e. what pykvm itself adds to an exit. With ``--trace`` the printing is part of it.
 * The histogram has half-octave buckets: a duration ``dt`` (ns) goes to bucket
@@ -34,12 +35,21 @@ OTHER = -1                   # the key of the shared record once MAX_KEYS is rea
 
 
 def new_record() -> list[int]:
+    """An empty record: BUCKETS histogram counters, then the total in ns."""
     return [0] * RECORD
 
 
+def record(rec: list[int], ns: int) -> None:
+    """Charge one exit whose handling took ``ns`` (>= 0) nanoseconds to the record ``rec``."""
+    rec[(ns * ns).bit_length()] += 1    # the half-octave bucket: see the module docstring
+    rec[TOTAL] += ns
+
+
 def bucket_of(ns: int) -> int:
-    """The histogram bucket of a duration (what the exit loop computes inline)."""
-    return (ns * ns).bit_length()
+    """The histogram bucket :func:`record` puts a duration of ``ns`` nanoseconds in."""
+    rec = new_record()
+    record(rec, ns)
+    return rec.index(1)
 
 
 def bucket_bounds(b: int) -> tuple[float, float]:
@@ -52,17 +62,20 @@ def bucket_bounds(b: int) -> tuple[float, float]:
 class VcpuStats:
     """The records of one vCPU, written only by that vCPU's thread."""
 
+    record = staticmethod(record)
+
     def __init__(self) -> None:
         self.reasons = [new_record() for _ in range(NREASONS)]   # exits other than IO and MMIO
         self.pio: dict[int, list[int]] = {}                      # port -> record
         self.mmio: dict[int, list[int]] = {}                     # guest-physical address -> record
-        self.scratch = new_record()   # where the exit loop's set-up "exit" goes; never reported
+        self.scratch = new_record()   # time the exit loop must not report (e.g. stopped in a debugger)
 
     def pio_record(self, port: int) -> list[int]:
         """The record for a port seen for the first time (the exit loop's slow path)."""
         return _add(self.pio, port)
 
     def mmio_record(self, addr: int) -> list[int]:
+        """The record for an MMIO address seen for the first time."""
         return _add(self.mmio, addr)
 
 

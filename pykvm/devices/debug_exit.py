@@ -30,3 +30,19 @@ class DebugExit:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self._on_exit(value, status_for(value))
+
+    def state(self) -> dict:
+        """The port has no state: an empty record, so a snapshot lists it like every other device."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Nothing to take; ValueError unless the record is the empty one :meth:`state` writes."""
+        if state != {}:
+            raise ValueError(f"debug-exit state is malformed: {state!r:.80}")
+
+    @classmethod
+    def from_state(cls, state: dict, on_exit: Callable[[int, int], None]) -> DebugExit:
+        """A port with its host hook (it has no state of its own)."""
+        device = cls(on_exit)
+        device.load_state(state)
+        return device

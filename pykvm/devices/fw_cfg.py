@@ -149,3 +149,40 @@ class FwCfg:
         with self._lock:
             self._key = value & 0xFFFF
             self._offset = 0
+
+    # ---- snapshots ------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Every item (bytes), the file names (hex) with their keys, the selected key and the read offset, as plain
+        data (for a snapshot). The kernel and initrd items make this as large as they are."""
+        with self._lock:
+            return {"items": {str(k): v for k, v in self._items.items()},
+                    "files": {name.hex(): key for name, key in self._files.items()},
+                    "key": self._key, "offset": self._offset}
+
+    def load_state(self, state: dict) -> None:
+        """Take the items and registers from :meth:`state`'s record; ValueError if it is malformed."""
+        try:
+            items = {int(k): _as_bytes(v) for k, v in state["items"].items()}
+            files = {bytes.fromhex(name): key for name, key in state["files"].items()}
+            key, offset = state["key"], state["offset"]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"fw_cfg state is malformed: {e!r}") from None
+        if (type(key) is not int or not 0 <= key <= 0xFFFF or type(offset) is not int or offset < 0
+                or not all(0 <= k <= LAST_KEY for k in items)
+                or not all(type(v) is int and v in items and 0 < len(n) <= MAX_NAME for n, v in files.items())):
+            raise ValueError("fw_cfg state is malformed: a key, offset or file name is out of range")
+        with self._lock:
+            self._items, self._files, self._key, self._offset = items, files, key, offset
+
+    @classmethod
+    def from_state(cls, state: dict) -> FwCfg:
+        """A device in the state :meth:`state` recorded."""
+        device = cls(ram_size=0, nb_cpus=1, max_cpus=1)
+        device.load_state(state)
+        return device
+
+
+def _as_bytes(value) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"a fw_cfg item must be bytes, not {type(value).__name__}")
+    return value

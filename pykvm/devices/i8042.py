@@ -48,6 +48,7 @@ the low byte. ``on_reset`` is called without the lock held, after the write has 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 
 DATA_PORT = 0x60
@@ -93,9 +94,10 @@ INTERFACE_CLOCK_HIGH = 0x02
 
 
 class _Port:
-    """One of the controller's two ports, as a bus device."""
+    """One of the controller's two ports, as a bus device (``controller`` is the I8042 it belongs to)."""
 
-    def __init__(self, read: Callable[[], int], write: Callable[[int], None]) -> None:
+    def __init__(self, controller: I8042, read: Callable[[], int], write: Callable[[int], None]) -> None:
+        self.controller = controller
         self._read = read
         self._write = write
 
@@ -118,9 +120,11 @@ class I8042:
         self._out = 0              # the output buffer latch
         self._a2 = False           # last write was to the command port
         self._pending: int | None = None   # a command waiting for its data byte
+        self._keys: deque[int] = deque()   # keyboard bytes waiting for the output buffer
+        self.keyboard_irq = None           # an IrqLine for IRQ 1, when the machine wires one
         self._lock = threading.Lock()
-        self.data = _Port(self.read_data, self.write_data)
-        self.command = _Port(self.read_status, self.write_command)
+        self.data = _Port(self, self.read_data, self.write_data)
+        self.command = _Port(self, self.read_status, self.write_command)
 
     @property
     def command_byte(self) -> int:
@@ -177,7 +181,41 @@ class I8042:
     def read_data(self) -> int:
         with self._lock:
             self._obf = False
-            return self._out
+            value = self._out
+            more = self._next_key()
+        if more:
+            self._keyboard_interrupt()
+        return value
+
+    # ---- the keyboard side: a key sequence as if typed ------------------------------------
+
+    def send_ctrl_alt_del(self) -> None:
+        """Type Ctrl+Alt+Del on the (otherwise absent) keyboard, as Firecracker's SendCtrlAltDel does: the make and
+        break scancodes go through the output buffer one by one, each announced on IRQ 1 when the command byte
+        enables keyboard interrupts. Scancode set 1 when the controller translates (command byte bit 6, the
+        default), set 2 otherwise. Nothing is sent while the keyboard is disabled (command byte bit 4)."""
+        with self._lock:
+            if self._ram[0] & CTR_KBDDIS:
+                return
+            if self._ram[0] & CTR_XLATE:
+                codes = [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
+            else:
+                codes = [0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14]
+            self._keys.extend(codes)
+            ready = not self._obf and self._next_key()
+        if ready:
+            self._keyboard_interrupt()
+
+    def _next_key(self) -> bool:
+        """Move the next keyboard byte into an empty output buffer (lock held). True if one was moved."""
+        if self._obf or not self._keys:
+            return False
+        self._respond(self._keys.popleft())
+        return True
+
+    def _keyboard_interrupt(self) -> None:
+        if self.keyboard_irq is not None and self._ram[0] & CTR_KBDINT:
+            self.keyboard_irq.pulse()
 
     def write_data(self, value: int) -> None:
         reset = False
@@ -197,3 +235,42 @@ class I8042:
     def _respond(self, value: int) -> None:
         self._out = value
         self._obf = True
+
+    # ---- snapshots ------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """The controller's registers as plain data (for a snapshot): internal RAM (the command byte is byte 0),
+        output port, output buffer and its full flag, the A2 flag, a command waiting for its data byte and the
+        keyboard bytes not yet delivered."""
+        with self._lock:
+            return {"ram": self._ram.hex(), "output_port": self._output_port, "obf": self._obf, "out": self._out,
+                    "a2": self._a2, "pending": self._pending, "keys": list(self._keys)}
+
+    def load_state(self, state: dict) -> None:
+        """Take the registers from :meth:`state`'s record; ValueError if a field is missing or out of range."""
+        try:
+            ram = bytes.fromhex(state["ram"])
+            values = [state["output_port"], state["out"]]
+            pending = state["pending"]
+            flags = [state["obf"], state["a2"]]
+            keys = list(state.get("keys", []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"i8042 state is malformed: {e!r}") from None
+        if (len(ram) != 32 or not all(type(v) is int and 0 <= v <= 0xFF for v in values)
+                or not all(type(f) is bool for f in flags) or len(keys) > 64
+                or not all(type(k) is int and 0 <= k <= 0xFF for k in keys)
+                or not (pending is None or (type(pending) is int and 0 <= pending <= 0xFF))):
+            raise ValueError("i8042 state is malformed: a register is out of range")
+        with self._lock:
+            self._ram[:] = ram
+            self._output_port, self._out = values
+            self._obf, self._a2 = flags
+            self._pending = pending
+            self._keys = deque(keys)
+
+    @classmethod
+    def from_state(cls, state: dict, on_reset: Callable[[], None]) -> I8042:
+        """A controller in the state :meth:`state` recorded, with its host hook."""
+        controller = cls(on_reset)
+        controller.load_state(state)
+        return controller

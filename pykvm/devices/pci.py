@@ -52,3 +52,21 @@ class PciConfigIo:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == 0 and size == 4:
             self._address = value & ADDRESS_MASK
+
+    def state(self) -> dict:
+        """CONFIG_ADDRESS as plain data (for a snapshot)."""
+        return {"address": self._address}
+
+    def load_state(self, state: dict) -> None:
+        """Take CONFIG_ADDRESS from :meth:`state`'s record; ValueError if it is malformed."""
+        address = state.get("address") if isinstance(state, dict) else None
+        if type(address) is not int or address & ~ADDRESS_MASK:
+            raise ValueError(f"PCI configuration state is malformed: address {address!r}")
+        self._address = address
+
+    @classmethod
+    def from_state(cls, state: dict) -> PciConfigIo:
+        """The port pair in the state :meth:`state` recorded."""
+        device = cls()
+        device.load_state(state)
+        return device

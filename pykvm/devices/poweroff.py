@@ -42,3 +42,23 @@ class PowerOff:
                 self._matched = 0
         if done:
             self._on_poweroff()
+
+    def state(self) -> dict:
+        """How many bytes of ``Shutdown`` have arrived in sequence, as plain data (for a snapshot)."""
+        with self._lock:
+            return {"matched": self._matched}
+
+    def load_state(self, state: dict) -> None:
+        """Take the match position from :meth:`state`'s record; ValueError if it is malformed."""
+        matched = state.get("matched") if isinstance(state, dict) else None
+        if type(matched) is not int or not 0 <= matched < len(MAGIC):
+            raise ValueError(f"shutdown-port state is malformed: matched {matched!r}")
+        with self._lock:
+            self._matched = matched
+
+    @classmethod
+    def from_state(cls, state: dict, on_poweroff: Callable[[], None]) -> PowerOff:
+        """A port in the state :meth:`state` recorded, with its host hook."""
+        device = cls(on_poweroff)
+        device.load_state(state)
+        return device

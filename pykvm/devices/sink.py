@@ -24,3 +24,21 @@ class Sink:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.last = value
+
+    def state(self) -> dict:
+        """The last value written, as plain data (for a snapshot)."""
+        return {"last": self.last}
+
+    def load_state(self, state: dict) -> None:
+        """Take the last value from :meth:`state`'s record; ValueError if it is malformed."""
+        last = state.get("last") if isinstance(state, dict) else None
+        if type(last) is not int or not 0 <= last < 1 << 64:
+            raise ValueError(f"sink state is malformed: last {last!r}")
+        self.last = last
+
+    @classmethod
+    def from_state(cls, state: dict, name: str) -> Sink:
+        """A sink in the state :meth:`state` recorded."""
+        device = cls(name)
+        device.load_state(state)
+        return device

@@ -271,6 +271,105 @@ struct kvm_run {
     } s;
 };
 
+struct kvm_signal_mask {
+    uint32_t len;
+    uint8_t  sigset[];
+};
+
+/* snapshot state (asm/kvm.h, linux/kvm.h) */
+struct kvm_xsave {
+    uint32_t region[1024];
+};
+
+struct kvm_xcr {
+    uint32_t xcr;
+    uint32_t reserved;
+    uint64_t value;
+};
+
+struct kvm_xcrs {
+    uint32_t nr_xcrs;
+    uint32_t flags;
+    struct kvm_xcr xcrs[16];
+    uint64_t padding[16];
+};
+
+struct kvm_debugregs {
+    uint64_t db[4];
+    uint64_t dr6;
+    uint64_t dr7;
+    uint64_t flags;
+    uint64_t reserved[9];
+};
+
+struct kvm_pic_state {
+    uint8_t last_irr;
+    uint8_t irr;
+    uint8_t imr;
+    uint8_t isr;
+    uint8_t priority_add;
+    uint8_t irq_base;
+    uint8_t read_reg_select;
+    uint8_t poll;
+    uint8_t special_mask;
+    uint8_t init_state;
+    uint8_t auto_eoi;
+    uint8_t rotate_on_auto_eoi;
+    uint8_t special_fully_nested_mode;
+    uint8_t init4;
+    uint8_t elcr;
+    uint8_t elcr_mask;
+};
+
+struct kvm_irqchip {
+    uint32_t chip_id;       /* KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC */
+    uint32_t pad;
+    union {
+        char dummy[512];    /* the IOAPIC's state is kept as these raw bytes */
+        struct kvm_pic_state pic;
+    } chip;
+};
+
+struct kvm_pit_channel_state {
+    uint32_t count;
+    uint16_t latched_count;
+    uint8_t count_latched;
+    uint8_t status_latched;
+    uint8_t status;
+    uint8_t read_state;
+    uint8_t write_state;
+    uint8_t write_latch;
+    uint8_t rw_mode;
+    uint8_t mode;
+    uint8_t bcd;
+    uint8_t gate;
+    int64_t count_load_time;
+};
+
+struct kvm_pit_state2 {
+    struct kvm_pit_channel_state channels[3];
+    uint32_t flags;
+    uint32_t reserved[9];
+};
+
+struct kvm_clock_data {
+    uint64_t clock;
+    uint32_t flags;
+    uint32_t pad0;
+    uint64_t realtime;
+    uint64_t host_tsc;
+    uint32_t pad[4];
+};
+
+struct kvm_dirty_log {
+    uint32_t slot;
+    uint32_t padding1;
+    union {
+        void *dirty_bitmap;
+        uint64_t padding2;
+    };
+};
+
 int ioctl(int fd, unsigned long request, void *arg);
 """
 
@@ -286,5 +385,10 @@ STRUCTS = (
     "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_lapic_state", "kvm_debug_exit_arch",
     "kvm_guest_debug_arch", "kvm_guest_debug", "kvm_vcpu_events", "kvm_sync_regs", "kvm_mp_state", "kvm_pit_config",
     "kvm_userspace_memory_region", "kvm_irq_level", "kvm_ioeventfd", "kvm_irqfd", "kvm_enable_cap",
-    "kvm_run",
+    "kvm_signal_mask", "kvm_run",
+)
+# Snapshot state (pykvm/snapshot): vCPU and VM state that KVM_GET_* / KVM_SET_* move in and out.
+STRUCTS += (
+    "kvm_xsave", "kvm_xcr", "kvm_xcrs", "kvm_debugregs", "kvm_pic_state", "kvm_irqchip", "kvm_pit_channel_state",
+    "kvm_pit_state2", "kvm_clock_data", "kvm_dirty_log",
 )

@@ -70,6 +70,7 @@ class Ioctl(enum.IntEnum):
     KVM_SET_SREGS = _iow(0x84, "struct kvm_sregs")
     KVM_GET_MSRS = _iowr(0x88, "struct kvm_msrs")
     KVM_SET_MSRS = _iow(0x89, "struct kvm_msrs")
+    KVM_SET_SIGNAL_MASK = _iow(0x8B, "struct kvm_signal_mask")
     KVM_GET_FPU = _ior(0x8C, "struct kvm_fpu")
     KVM_SET_FPU = _iow(0x8D, "struct kvm_fpu")
     KVM_GET_LAPIC = _ior(0x8E, "struct kvm_lapic_state")
@@ -81,6 +82,20 @@ class Ioctl(enum.IntEnum):
     KVM_SET_GUEST_DEBUG = _iow(0x9B, "struct kvm_guest_debug")
     KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
     KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
+    # snapshot state (api.rst 4.x: KVM_GET_XSAVE ... KVM_GET_CLOCK, KVM_GET_DIRTY_LOG)
+    KVM_GET_DEBUGREGS = _ior(0xA1, "struct kvm_debugregs")
+    KVM_SET_DEBUGREGS = _iow(0xA2, "struct kvm_debugregs")
+    KVM_GET_XSAVE = _ior(0xA4, "struct kvm_xsave")
+    KVM_SET_XSAVE = _iow(0xA5, "struct kvm_xsave")
+    KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
+    KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
+    KVM_GET_IRQCHIP = _iowr(0x62, "struct kvm_irqchip")
+    KVM_SET_IRQCHIP = _ior(0x63, "struct kvm_irqchip")   # _IOR in the header, although it writes
+    KVM_GET_PIT2 = _ior(0x9F, "struct kvm_pit_state2")
+    KVM_SET_PIT2 = _iow(0xA0, "struct kvm_pit_state2")
+    KVM_SET_CLOCK = _iow(0x7B, "struct kvm_clock_data")
+    KVM_GET_CLOCK = _ior(0x7C, "struct kvm_clock_data")
+    KVM_GET_DIRTY_LOG = _iow(0x42, "struct kvm_dirty_log")
 
 
 class ExitReason(enum.IntEnum):
@@ -185,3 +200,10 @@ KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 # struct kvm_irqfd.flags (api.rst, KVM_IRQFD)
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+
+# struct kvm_userspace_memory_region.flags: KVM_MEM_LOG_DIRTY_PAGES (api.rst, KVM_SET_USER_MEMORY_REGION)
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+# struct kvm_irqchip.chip_id (api.rst, KVM_GET_IRQCHIP)
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2

@@ -13,11 +13,12 @@ import os
 
 from ..errors import KvmUnavailable, PykvmError
 from .abi import ffi, libc
-from .constants import Cap, ExitReason, Ioctl
+from .constants import Cap, Ioctl
+from .exits import INTR_EXIT, decode
 
 _ioctl = libc.ioctl
 _NULL = ffi.NULL
-_EXIT_INTR = int(ExitReason.INTR)
+_KVM_RUN = int(Ioctl.KVM_RUN)
 
 
 class KvmError(PykvmError):
@@ -188,6 +189,45 @@ class Vm(_Fd):
         self.vcpus.append(vcpu)
         return vcpu
 
+    # --- VM state for snapshots (api.rst: KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK, KVM_GET_DIRTY_LOG) ---
+    def get_irqchip(self, chip_id: int):
+        """KVM_GET_IRQCHIP: one in-kernel interrupt controller's state (KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE,
+        _IOAPIC)."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        _call(self.fd, Ioctl.KVM_GET_IRQCHIP, chip, f"chip {chip_id}")
+        return chip
+
+    def set_irqchip(self, chip) -> None:
+        """KVM_SET_IRQCHIP: load the state read by get_irqchip (chip_id says which controller)."""
+        _call(self.fd, Ioctl.KVM_SET_IRQCHIP, chip, f"chip {chip.chip_id}")
+
+    def get_pit2(self):
+        """KVM_GET_PIT2: the in-kernel i8254's three channels and flags."""
+        pit = ffi.new("struct kvm_pit_state2 *")
+        _call(self.fd, Ioctl.KVM_GET_PIT2, pit)
+        return pit
+
+    def set_pit2(self, pit) -> None:
+        """KVM_SET_PIT2."""
+        _call(self.fd, Ioctl.KVM_SET_PIT2, pit)
+
+    def get_clock(self):
+        """KVM_GET_CLOCK: the guest's kvmclock, in nanoseconds."""
+        clock = ffi.new("struct kvm_clock_data *")
+        _call(self.fd, Ioctl.KVM_GET_CLOCK, clock)
+        return clock
+
+    def set_clock(self, clock) -> None:
+        """KVM_SET_CLOCK: set the kvmclock (only ``clock`` is used when flags is 0)."""
+        _call(self.fd, Ioctl.KVM_SET_CLOCK, clock)
+
+    def get_dirty_log(self, slot: int, bitmap) -> None:
+        """KVM_GET_DIRTY_LOG: fill ``bitmap`` (a cffi buffer, one bit per 4 KiB page of the slot) with the pages
+        written since the last call, and clear KVM's log. The slot needs KVM_MEM_LOG_DIRTY_PAGES."""
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
+        log.dirty_bitmap = ffi.cast("void *", bitmap)
+        _call(self.fd, Ioctl.KVM_GET_DIRTY_LOG, log, f"slot {slot}")
+
 
 class Vcpu(_Fd):
     """A vCPU file descriptor and its mmap'd ``struct kvm_run`` (api.rst, "vcpu ioctl")."""
@@ -199,10 +239,12 @@ class Vcpu(_Fd):
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # kvm_run is KVM's own page shared with us, not guest memory: its layout is fixed by the ABI.
         self.run_struct = ffi.from_buffer("struct kvm_run *", self._map)
+        self.run_buffer = memoryview(self._map)   # the same bytes, for struct unpacks (pykvm.kvm.exits)
 
     def close(self) -> None:
         if self.fd >= 0:
-            ffi.release(self.run_struct)  # drop cffi's export of the mapping, then unmap it
+            ffi.release(self.run_struct)  # drop cffi's and our exports of the mapping, then unmap it
+            self.run_buffer.release()
             self._map.close()
         super().close()
 
@@ -216,16 +258,19 @@ class Vcpu(_Fd):
             raise PykvmError(f"KVM reported I/O data outside the kvm_run mapping ({offset:#x}+{length})")
         return memoryview(self._map)[offset:offset + length]
 
-    def run(self) -> int:
-        """KVM_RUN. Returns the exit reason. EINTR (a signal or immediate_exit kicked us out) and
-        EAGAIN (a parked AP was woken) both come back as KVM_EXIT_INTR: nothing to handle, decide
-        whether to run again."""
-        if _ioctl(self.fd, Ioctl.KVM_RUN, _NULL) < 0:
+    def run(self) -> tuple:
+        """KVM_RUN (api.rst 4.10): run the guest until it exits; the only place pykvm issues KVM_RUN.
+
+        Returns the typed exit, ``(reason, *fields)`` as :mod:`pykvm.kvm.exits` tables it. EINTR (a
+        signal or ``immediate_exit`` kicked the thread out) and EAGAIN (a parked AP was woken) both
+        return :data:`~pykvm.kvm.exits.INTR_EXIT`: nothing to handle, the caller decides whether to
+        run again. Any other failure raises :class:`KvmError`."""
+        if _ioctl(self.fd, _KVM_RUN, _NULL) < 0:
             err = ffi.errno
             if err == errno.EINTR or err == errno.EAGAIN:
-                return _EXIT_INTR
+                return INTR_EXIT
             raise KvmError(Ioctl.KVM_RUN, err, f"vcpu {self.id}")
-        return self.run_struct.exit_reason
+        return decode(self.run_buffer)
 
     def get_regs(self):
         """KVM_GET_REGS: general-purpose registers, RIP and RFLAGS."""
@@ -287,6 +332,21 @@ class Vcpu(_Fd):
                 setattr(cpuid.entries[i], key, value)
         _call(self.fd, Ioctl.KVM_SET_CPUID2, cpuid)
 
+    def set_signal_mask(self, blocked: set[int]) -> None:
+        """KVM_SET_SIGNAL_MASK (api.rst 4.19): the signals blocked while this vCPU is in KVM_RUN.
+
+        ``blocked`` are signal numbers (1..64); the kernel's sigset is 64 bits, little-endian."""
+        bits = 0
+        for signum in blocked:
+            if not 1 <= signum <= 64:
+                raise ValueError(f"signal {signum} is outside 1..64")
+            bits |= 1 << (signum - 1)
+        raw = ffi.new("char[]", 4 + 8)
+        mask = ffi.cast("struct kvm_signal_mask *", raw)
+        mask.len = 8
+        ffi.memmove(mask.sigset, bits.to_bytes(8, "little"), 8)
+        _call(self.fd, Ioctl.KVM_SET_SIGNAL_MASK, mask)
+
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE: runnable, halted, or waiting for INIT/SIPI (KVM_MP_STATE_*)."""
         state = ffi.new("struct kvm_mp_state *")
@@ -311,6 +371,23 @@ class Vcpu(_Fd):
         """KVM_SET_VCPU_EVENTS: e.g. inject an exception."""
         _call(self.fd, Ioctl.KVM_SET_VCPU_EVENTS, events)
 
+    def inject_exception(self, vector: int) -> None:
+        """Make exception ``vector`` (one without an error code, e.g. #BP 3 or #DB 1) the next thing
+        the vCPU delivers through the guest's IDT: KVM_GET/SET_VCPU_EVENTS, exception injected."""
+        events = self.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.nr = vector
+        events.exception.has_error_code = 0
+        events.exception.error_code = 0
+        events.flags = 0
+        self.set_vcpu_events(events)
+
+    def advance_rip(self, length: int) -> None:
+        """RIP += ``length`` (KVM_GET_REGS + KVM_SET_REGS): step over an instruction pykvm completed."""
+        regs = self.get_regs()
+        regs.rip += length
+        self.set_regs(regs)
+
     def get_lapic(self):
         """KVM_GET_LAPIC: the in-kernel local APIC's register page."""
         lapic = ffi.new("struct kvm_lapic_state *")
@@ -320,3 +397,38 @@ class Vcpu(_Fd):
     def set_lapic(self, lapic) -> None:
         """KVM_SET_LAPIC."""
         _call(self.fd, Ioctl.KVM_SET_LAPIC, lapic)
+
+    # --- vCPU state for snapshots (api.rst: KVM_GET_XSAVE, _XCRS, _DEBUGREGS, _MP_STATE) ----------------
+    def get_xsave(self):
+        """KVM_GET_XSAVE: x87/SSE/AVX state in the XSAVE layout (4 KiB)."""
+        xsave = ffi.new("struct kvm_xsave *")
+        _call(self.fd, Ioctl.KVM_GET_XSAVE, xsave)
+        return xsave
+
+    def set_xsave(self, xsave) -> None:
+        """KVM_SET_XSAVE."""
+        _call(self.fd, Ioctl.KVM_SET_XSAVE, xsave)
+
+    def get_xcrs(self):
+        """KVM_GET_XCRS: the extended control registers (XCR0)."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        _call(self.fd, Ioctl.KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs) -> None:
+        """KVM_SET_XCRS."""
+        _call(self.fd, Ioctl.KVM_SET_XCRS, xcrs)
+
+    def get_debugregs(self):
+        """KVM_GET_DEBUGREGS: DR0-3, DR6, DR7."""
+        regs = ffi.new("struct kvm_debugregs *")
+        _call(self.fd, Ioctl.KVM_GET_DEBUGREGS, regs)
+        return regs
+
+    def set_debugregs(self, regs) -> None:
+        """KVM_SET_DEBUGREGS."""
+        _call(self.fd, Ioctl.KVM_SET_DEBUGREGS, regs)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE: runnable, halted, waiting for INIT/SIPI (KVM_MP_STATE_*)."""
+        _call(self.fd, Ioctl.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}))

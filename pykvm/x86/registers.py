@@ -68,3 +68,18 @@ MSR_LSTAR = 0xC000_0082
 MSR_FS_BASE = 0xC000_0100
 MSR_GS_BASE = 0xC000_0101
 MSR_APIC_BASE = 0x1B
+
+
+class Vector(enum.IntEnum):
+    """Exception vectors pykvm injects or reports (SDM vol. 3, table 6-1)."""
+
+    DE = 0    # divide error
+    DB = 1    # debug: single-step, hardware breakpoint
+    NMI = 2
+    BP = 3    # breakpoint: the trap int3 raises
+    UD = 6    # invalid opcode
+    GP = 13   # general protection
+    PF = 14   # page fault
+
+
+INT3 = 0xCC   # the one-byte breakpoint instruction (opcode CC), the byte software breakpoints plant

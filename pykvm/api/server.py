@@ -1,0 +1,248 @@
+"""The HTTP layer: Firecracker's routes, each validating its body (models) and submitting one action to the
+controller. Errors are ``{"fault_message": ...}`` with status 400 (Firecracker's shape), success is 204 with no
+body, or 200 with JSON for the GET routes. pykvm's own additions live under ``/pykvm/``.
+
+Served by uvicorn on a Unix socket created 0600 (owner only), in a thread of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import threading
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from ..errors import UsageError
+from . import controller as c
+from . import models
+
+MAX_BODY = 64 << 10
+
+
+def _fault(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"fault_message": message}, status_code=status)
+
+
+def _describe(errors) -> str:
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        if e.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {where!r}")
+        elif e.get("type") == "missing":
+            parts.append(f"missing field {where!r}")
+        elif e.get("type") == "json_invalid":
+            parts.append("the body is not valid JSON")
+        else:
+            parts.append(f"{where}: {e.get('msg')}")
+    return "invalid request body: " + "; ".join(parts)
+
+
+def build_app(vmm: c.Vmm) -> FastAPI:
+    """The ASGI app of one VM's API."""
+    app = FastAPI(title="pykvm VMM API", version="1", openapi_url="/pykvm/openapi.json", docs_url=None,
+                  redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _fault(_describe(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        if exc.status_code in (404, 405):
+            return _fault(f"invalid request method and/or path: {request.method} {request.url.path}")
+        return _fault(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(c.ApiError)
+    async def _api_error(request: Request, exc: c.ApiError):
+        return _fault(exc.message, exc.status)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return _fault(f"request body too large (at most {MAX_BODY} bytes)")
+        if request.headers.get("transfer-encoding", "").lower() == "chunked":
+            return _fault("chunked request bodies are not accepted: send a Content-Length")
+        # Every body is JSON, whatever the client says (Firecracker ignores Content-Type too; plain `curl -d`
+        # sends application/x-www-form-urlencoded).
+        request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
+            (b"content-type", b"application/json")]
+        return await call_next(request)
+
+    def act(action) -> Response:
+        result = vmm.submit(action)
+        return Response(status_code=204) if result is None else JSONResponse(result)
+
+    @app.get("/")
+    def instance_info():
+        return vmm.instance_info()
+
+    @app.get("/version")
+    def version():
+        return {"firecracker_version": "pykvm " + vmm.instance_info()["vmm_version"]}
+
+    @app.get("/machine-config")
+    def get_machine_config():
+        return vmm.machine_config.model_dump()
+
+    @app.put("/machine-config", status_code=204)
+    def put_machine_config(body: models.MachineConfiguration):
+        return act(c.PutMachineConfig(body))
+
+    @app.patch("/machine-config", status_code=204)
+    def patch_machine_config(body: models.MachineConfigurationPatch):
+        return act(c.PatchMachineConfig(body))
+
+    @app.put("/boot-source", status_code=204)
+    def put_boot_source(body: models.BootSource):
+        return act(c.PutBootSource(body))
+
+    @app.put("/drives/{drive_id}", status_code=204)
+    def put_drive(drive_id: str, body: models.Drive):
+        if body.drive_id != drive_id:
+            raise c.ApiError(f"the drive_id in the body ({body.drive_id}) differs from the one in the path "
+                             f"({drive_id})")
+        return act(c.PutDrive(body))
+
+    @app.patch("/drives/{drive_id}", status_code=204)
+    def patch_drive(drive_id: str, body: models.PartialDrive):
+        if body.drive_id != drive_id:
+            raise c.ApiError(f"the drive_id in the body ({body.drive_id}) differs from the one in the path "
+                             f"({drive_id})")
+        return act(c.PatchDrive(body))
+
+    @app.put("/entropy", status_code=204)
+    def put_entropy(body: models.EntropyDevice):
+        return act(c.PutEntropy(body))
+
+    @app.put("/logger", status_code=204)
+    def put_logger(body: models.Logger):
+        return act(c.PutLogger(body))
+
+    @app.put("/metrics", status_code=204)
+    def put_metrics(body: models.Metrics):
+        return act(c.PutMetrics(body))
+
+    @app.put("/actions", status_code=204)
+    def put_actions(body: models.InstanceActionInfo):
+        action = {models.ActionType.InstanceStart: c.StartInstance, models.ActionType.FlushMetrics: c.FlushMetrics,
+                  models.ActionType.SendCtrlAltDel: c.SendCtrlAltDel}[body.action_type]
+        return act(action())
+
+    @app.patch("/vm", status_code=204)
+    def patch_vm(body: models.Vm):
+        return act(c.Pause() if body.state == models.VmState.Paused else c.Resume())
+
+    @app.put("/snapshot/create", status_code=204)
+    def snapshot_create(body: models.SnapshotCreateParams):
+        act(c.CreateSnapshot(body))
+        return Response(status_code=204)
+
+    @app.put("/snapshot/load", status_code=204)
+    def snapshot_load(body: models.SnapshotLoadParams):
+        return act(c.LoadSnapshot(body))
+
+    @app.get("/vm/config")
+    def vm_config():
+        return vmm.vm_config()
+
+    # --- pykvm's additions ---
+    @app.get("/pykvm/stats")
+    def stats():
+        return vmm.stats()
+
+    @app.get("/pykvm/console")
+    def console(limit: int = c.CONSOLE_KEEP):
+        if not 0 < limit <= c.CONSOLE_KEEP:
+            raise c.ApiError(f"limit must be between 1 and {c.CONSOLE_KEEP}")
+        return Response(vmm.serial.recent(limit), media_type="application/octet-stream")
+
+    return app
+
+
+def bind_unix(path: str, bind_path: str | None = None) -> socket.socket:
+    """A listening Unix socket for ``path``, created 0600 (at ``bind_path`` if given, to be renamed to ``path``
+    once it is served). A stale socket nobody listens on is replaced; a live one, or any other file, is refused
+    with UsageError."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise UsageError(f"--api-sock {path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise UsageError(f"--api-sock {path} is in use by another process")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)       # the socket file is born 0600: no window where others could connect
+    try:
+        sock.bind(bind_path or path)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot create the API socket {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    sock.listen(128)
+    return sock
+
+
+class ApiServer:
+    """uvicorn serving ``build_app(vmm)`` on a Unix socket, in its own thread. A context manager."""
+
+    def __init__(self, vmm: c.Vmm, path: str) -> None:
+        import uvicorn
+        self.path = path
+        # Bound under a temporary name and renamed once uvicorn serves it: a client that sees the socket is
+        # answered at once, instead of waiting in the backlog for the server's start-up (~25 ms).
+        self._bind_path = f"{path}.{os.getpid()}.tmp"
+        self._sock = bind_unix(path, self._bind_path)
+        app = build_app(vmm)
+        app.middleware_stack = app.build_middleware_stack()   # built now, not during the first request (~20 ms)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                timeout_keep_alive=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="api-server", daemon=True)
+
+    def __enter__(self) -> ApiServer:
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                self.close()
+                raise UsageError(f"the API server could not start on {self.path}")
+            time.sleep(0.002)
+        self._warm_up()
+        os.rename(self._bind_path, self.path)
+        return self
+
+    def _warm_up(self) -> None:
+        """One request of our own before any client's: the first one loads anyio's backend and starts the worker
+        thread (~20 ms), which a client's snapshot load or InstanceStart should not pay."""
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(self._bind_path)
+            s.sendall(b"GET /version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            while s.recv(4096):
+                pass
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._sock.close()
+        for path in (self._bind_path, self.path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
