@@ -87,7 +87,7 @@ def _r(ref: str) -> str:
 
 # -- parsers -----------------------------------------------------------------------------------------
 VERBS = ("daemon", "ps", "create", "start", "stop", "kill", "restart", "rm", "inspect", "logs", "attach", "pause",
-         "unpause", "stats", "events", "top", "wait")
+         "unpause", "stats", "events", "top", "wait", "snapshot")
 
 
 def add_vm_options(p: argparse.ArgumentParser, size_type, int_type) -> None:
@@ -130,7 +130,11 @@ def add_parsers(sub, size_type, int_type) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table")
     c = verb("create", "create a VM (not started); prints its id", ids=False)
     c.add_argument("--name")
+    c.add_argument("--from-snapshot", metavar="VM:SNAPSHOT", help="start from a snapshot taken with `pykvm snapshot`")
     add_vm_options(c, size_type, int_type)
+    sn = verb("snapshot", "a full snapshot of a running or paused VM (restore: create --from-snapshot VM:NAME)",
+              many=False)
+    sn.add_argument("name", help="the snapshot's name")
     s = verb("start", "start VMs")
     s.add_argument("-a", "--attach", action="store_true", help="attach to the console (one VM)")
     for name, help_ in (("stop", "stop VMs: Ctrl-Alt-Del, then kill after -t seconds"),
@@ -282,7 +286,19 @@ def _table(rows) -> None:
 
 def cmd_create(client: Client, args) -> int:
     params = {"name": args.name} if args.name else {}
-    print(client.json("POST", "/vms/create", params=params, json=spec_from_args(args))["Id"])
+    if args.from_snapshot:
+        vm, sep, snap = args.from_snapshot.rpartition(":")
+        if not sep or not vm or not snap:
+            raise UsageError(f"--from-snapshot takes VM:SNAPSHOT, not {args.from_snapshot!r}")
+        body = {"FromSnapshot": {"Vm": vm, "Snapshot": snap}}
+    else:
+        body = spec_from_args(args)
+    print(client.json("POST", "/vms/create", params=params, json=body)["Id"])
+    return 0
+
+
+def cmd_snapshot(client: Client, args) -> int:
+    print(client.json("POST", f"/vms/{_r(args.vms)}/snapshot", params={"name": args.name})["Path"])
     return 0
 
 

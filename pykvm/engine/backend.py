@@ -256,6 +256,11 @@ class Backend:
             vmdir = self.vmdir(vm.id)
             vmdir.mkdir(mode=0o700, exist_ok=True)
             api_sock = vmdir / "api.sock" if has_vmm_api() else None
+            restoring = bool(vm.spec.get("FromSnapshot"))
+            if restoring and api_sock is None:
+                raise Conflict("this pykvm has no per-VM API, so it cannot restore a snapshot")
+            if api_sock is not None:
+                api_sock.unlink(missing_ok=True)
             argv = vmm_argv(vm.spec, {k: f"/proc/self/fd/{fd}" for k, fd in fds.items()}, api_sock)
             try:
                 proc = launch_shim(vmdir, argv, list(fds.values()))
@@ -272,6 +277,8 @@ class Backend:
             vmm_pid = await self._vmm_pid(vm)
             if vmm_pid:
                 self.store.update(vm.id, vmm_pid=vmm_pid)
+            if restoring:
+                await self._restore(self.store.get(vm.id))
             vm = self.store.get(vm.id)
             self.event("start", vm)
             return vm
@@ -423,6 +430,75 @@ class Backend:
             self.event("destroy", vm)
         self.locks.pop(vm.id, None)
         self.exited.pop(vm.id, None)
+
+    async def snapshot(self, ref: str, name: str) -> dict:
+        """A full snapshot of a running or paused VM into its directory (``snapshots/NAME/``): pause,
+        PUT /snapshot/create on the VMM's API (Firecracker's), resume if it was running."""
+        vm = self.lookup(ref)
+        name = check_name(name)
+        if vm.state not in ("running", "paused"):
+            raise Conflict(f"VM {vm.name} is {vm.state}: only a running or paused VM can be snapshotted")
+        if not vm.api_sock:
+            raise Conflict(f"VM {vm.name}'s VMM has no API socket, so it cannot be snapshotted")
+        where = self.vmdir(vm.id) / "snapshots" / name
+        if where.exists():
+            raise Conflict(f"VM {vm.name} already has a snapshot named {name}")
+        where.mkdir(parents=True, mode=0o700)
+        api = vm.api_sock
+        async with self._lock(vm.id):
+            try:
+                if vm.state == "running":
+                    await VmmApi(api).call("PATCH", "/vm", {"state": "Paused"})
+                await VmmApi(api, timeout=120).call("PUT", "/snapshot/create", {
+                    "snapshot_type": "Full", "snapshot_path": str(where / "state"),
+                    "mem_file_path": str(where / "mem")})
+            except VmmError as e:
+                shutil.rmtree(where, ignore_errors=True)
+                raise Conflict(str(e)) from None
+            finally:
+                if vm.state == "running":
+                    with contextlib.suppress(VmmError):
+                        await VmmApi(api).call("PATCH", "/vm", {"state": "Resumed"})
+        self.event("snapshot", vm, snapshot=name)
+        return {"Vm": vm.id, "Snapshot": name, "Path": str(where)}
+
+    def snapshot_source(self, caller: Caller, source: dict) -> tuple[Vm, Path]:
+        """The VM and directory of ``{"Vm": ref, "Snapshot": name}``, if ``caller`` may read them."""
+        vm = self.lookup(str(source.get("Vm", "")))
+        if not caller.is_root and caller.uid != vm.owner_uid:
+            raise Forbidden(f"VM {vm.name} belongs to uid {vm.owner_uid}, not to you (uid {caller.uid})")
+        where = self.vmdir(vm.id) / "snapshots" / check_name(str(source.get("Snapshot", "")))
+        if not (where / "state").is_file():
+            raise NotFound(f"VM {vm.name} has no snapshot {source.get('Snapshot')}")
+        return vm, where
+
+    def adopt_snapshot(self, vm: Vm, where: Path) -> None:
+        """Give a VM created from a snapshot its own (hard-linked) copy of the files, so removing the
+        source VM does not take them away."""
+        mine = self.vmdir(vm.id) / "snapshot"
+        mine.mkdir(mode=0o700)
+        for name in ("state", "mem"):
+            try:
+                os.link(where / name, mine / name)
+            except OSError:
+                shutil.copyfile(where / name, mine / name)
+
+    async def _restore(self, vm: Vm) -> None:
+        """PUT /snapshot/load on a fresh ``pykvm vmm`` and resume it."""
+        mine = self.vmdir(vm.id) / "snapshot"
+        sock = Path(vm.api_sock or "")
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if self._exit_event(vm.id).is_set() or time.monotonic() > deadline:
+                raise Conflict(f"VM {vm.name}'s VMM ended or did not open its API socket")
+            await asyncio.sleep(0.01)
+        try:
+            await VmmApi(str(sock), timeout=120).call("PUT", "/snapshot/load", {
+                "snapshot_path": str(mine / "state"),
+                "mem_backend": {"backend_path": str(mine / "mem"), "backend_type": "File"}, "resume_vm": True})
+        except VmmError as e:
+            self._signal(self.store.get(vm.id), signal.SIGKILL)
+            raise Conflict(str(e)) from None
 
     # -- console --------------------------------------------------------------------------------
     async def logs(self, vm: Vm, follow: bool, tail: int | None, timestamps: bool) -> AsyncIterator[str]:

@@ -38,6 +38,14 @@ class Drive(BaseModel):
     ReadOnly: bool = False
 
 
+class SnapshotRef(BaseModel):
+    """A snapshot taken with ``POST /vms/{id}/snapshot``."""
+
+    model_config = ConfigDict(extra="forbid")
+    Vm: str = Field(min_length=1, max_length=128)
+    Snapshot: str = Field(min_length=1, max_length=128)
+
+
 class CreateRequest(BaseModel):
     """``POST /vms/create``: what ``pykvm run`` takes, as JSON. Give ``Image`` (a bundled guest),
     ``ImageFile`` (a flat binary) or ``Kernel`` (with ``Initrd``, ``Cmdline``)."""
@@ -53,6 +61,7 @@ class CreateRequest(BaseModel):
     Drives: list[Drive] = Field(default_factory=list, max_length=16)
     Rng: bool = False
     Console: Literal["uart", "virtio"] = "uart"
+    FromSnapshot: SnapshotRef | None = Field(default=None, description="start from this snapshot of a VM")
 
     @field_validator("Image")
     @classmethod
@@ -150,8 +159,15 @@ def make_app(backend: Backend) -> FastAPI:
             raise BadRequest("Initrd and Cmdline need a Kernel")
         if name:
             check_name(name)
-        await asyncio.to_thread(backend.check_files, caller(request), spec)
+        source = None
+        if body.FromSnapshot is not None:     # the machine is the snapshot's: its spec, not the request's
+            src_vm, source = backend.snapshot_source(caller(request), spec["FromSnapshot"])
+            spec = {**src_vm.spec, "FromSnapshot": {"Vm": src_vm.id, "Snapshot": body.FromSnapshot.Snapshot}}
+        else:
+            await asyncio.to_thread(backend.check_files, caller(request), spec)
         vm = backend.create(caller(request), spec, name)
+        if source is not None:
+            backend.adopt_snapshot(vm, source)
         return {"Id": vm.id, "Warnings": []}
 
     @app.get("/vms/json")
@@ -190,6 +206,12 @@ def make_app(backend: Backend) -> FastAPI:
     @app.post("/vms/{ref}/unpause", status_code=204, response_class=Response)
     async def unpause(request: Request, ref: str):
         await backend.pause(vm_for(request, ref).id, False)
+
+    @app.post("/vms/{ref}/snapshot", status_code=201)
+    async def snapshot(request: Request, ref: str, name: str = Query(min_length=1, max_length=128)):
+        """A full snapshot (Firecracker's PUT /snapshot/create); create a VM from it with
+        ``{"FromSnapshot": {"Vm": ref, "Snapshot": name}}``."""
+        return await backend.snapshot(vm_for(request, ref).id, name)
 
     @app.delete("/vms/{ref}", status_code=204, response_class=Response)
     async def remove(request: Request, ref: str, force: bool = False):

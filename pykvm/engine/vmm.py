@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 log = logging.getLogger("pykvm.engine")
+logging.getLogger("httpx").setLevel(logging.WARNING)     # not one line per call to a VMM
 
 
 def has_vmm_api() -> bool:
@@ -34,6 +35,8 @@ def has_jail() -> bool:
 def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None) -> list[str]:
     """``python -m pykvm run ...`` for ``spec``; ``fd_paths`` maps "kernel", "initrd", "drive0"... to the
     ``/proc/self/fd/N`` names of descriptors opened with the owner's permissions."""
+    if spec.get("FromSnapshot"):     # an empty VMM that PUT /snapshot/load fills (see Backend.start)
+        return [sys.executable, "-m", "pykvm", "vmm", "--api-sock", str(api_sock)]
     argv = [sys.executable, "-m", "pykvm", "run", "-q", "-m", f"{int(spec['MemoryMiB'])}M",
             "-c", str(int(spec["Vcpus"]))]
     if spec.get("Kernel"):
