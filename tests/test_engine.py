@@ -302,3 +302,38 @@ def test_half_open_and_slow_clients_do_not_stop_the_daemon(daemon):
         idle.close()
         partial.close()
     assert daemon.proc.poll() is None
+
+
+@needs_kvm
+def test_pause_stats_snapshot_and_restore_in_a_new_vmm(daemon, tmp_path):
+    with daemon.http() as c:
+        if not c.get("/info").json()["VmmApi"]:
+            pytest.skip("this pykvm has no per-VM API (pykvm run --api-sock)")
+    assert daemon.pykvm("run", "-d", "--name", "src", str(echo_guest(tmp_path))).returncode == 0
+    assert daemon.pykvm("pause", "src").returncode == 0
+    assert state_of(daemon, "src")["Status"] == "paused"
+    assert "(Paused)" in daemon.pykvm("ps").stdout.decode()
+    assert daemon.pykvm("pause", "src").returncode == 1          # already paused: 409
+    stats = json.loads(daemon.pykvm("stats", "--no-stream", "--format", "json", "src").stdout)
+    assert stats["exits"]["reasons"]["IO"]["count"] > 0 and stats["memory_stats"]["uss"] > 0
+    assert daemon.pykvm("unpause", "src").returncode == 0
+    assert state_of(daemon, "src")["Status"] == "running"
+    r = daemon.pykvm("snapshot", "src", "snap1")
+    assert r.returncode == 0, r.stderr
+    assert state_of(daemon, "src")["Status"] == "running"      # resumed after the snapshot
+    r = daemon.pykvm("create", "--name", "copy", "--from-snapshot", "src:snap1")
+    assert r.returncode == 0, r.stderr
+    assert daemon.pykvm("rm", "-f", "src").returncode == 0      # the copy keeps its own files
+    assert daemon.pykvm("start", "copy").returncode == 0
+    attach = subprocess.Popen([*_pykvm(), "attach", "copy"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
+    try:
+        out, _ = attach.communicate(b"restored" + b"q", timeout=60)
+    finally:
+        attach.kill()
+    assert b"restored" in out
+    wait_for(lambda: state_of(daemon, "copy")["Status"] == "exited", what="the restored guest's end")
+    assert state_of(daemon, "copy")["ExitCode"] == 7
+    code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "-d",
+                      json.dumps({"FromSnapshot": {"Vm": "copy", "Snapshot": "../x"}}), "http://pykvm/vms/create")
+    assert code == 400 and "invalid" in json.loads(body)["message"]

@@ -279,6 +279,8 @@ class Backend:
                 self.store.update(vm.id, vmm_pid=vmm_pid)
             if restoring:
                 await self._restore(self.store.get(vm.id))
+            elif api_sock is not None:
+                await self._api_ready(self.store.get(vm.id))
             vm = self.store.get(vm.id)
             self.event("start", vm)
             return vm
@@ -483,15 +485,23 @@ class Backend:
             except OSError:
                 shutil.copyfile(where / name, mine / name)
 
+    async def _api_ready(self, vm: Vm, wait: float = 30.0) -> bool:
+        """Wait until the VMM's API socket exists (so pause, stats, stop can use it); False if the VM ended
+        first or ``wait`` seconds passed."""
+        sock = Path(vm.api_sock or "")
+        deadline = time.monotonic() + wait
+        while not sock.exists():
+            if self._exit_event(vm.id).is_set() or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
     async def _restore(self, vm: Vm) -> None:
         """PUT /snapshot/load on a fresh ``pykvm vmm`` and resume it."""
         mine = self.vmdir(vm.id) / "snapshot"
         sock = Path(vm.api_sock or "")
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if self._exit_event(vm.id).is_set() or time.monotonic() > deadline:
-                raise Conflict(f"VM {vm.name}'s VMM ended or did not open its API socket")
-            await asyncio.sleep(0.01)
+        if not await self._api_ready(vm):
+            raise Conflict(f"VM {vm.name}'s VMM ended or did not open its API socket")
         try:
             await VmmApi(str(sock), timeout=120).call("PUT", "/snapshot/load", {
                 "snapshot_path": str(mine / "state"),
