@@ -337,3 +337,35 @@ def test_pause_stats_snapshot_and_restore_in_a_new_vmm(daemon, tmp_path):
     code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "-d",
                       json.dumps({"FromSnapshot": {"Vm": "copy", "Snapshot": "../x"}}), "http://pykvm/vms/create")
     assert code == 400 and "invalid" in json.loads(body)["message"]
+
+
+@needs_kvm
+def test_follow_logs_live_events_and_top(daemon, tmp_path):
+    env = dict(os.environ, **daemon.env)
+    # --since replays what happened before the stream was connected, then it goes on live
+    events = subprocess.Popen([*_pykvm(), "events", "--since", str(time.time() - 1), "-f", "vm=live"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert daemon.pykvm("run", "-d", "--name", "live", str(echo_guest(tmp_path))).returncode == 0
+        follow = subprocess.Popen([*_pykvm(), "logs", "-f", "live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=env)
+        top = daemon.pykvm("top", "-n", "2", "-d", "0.2").stdout.decode()
+        assert "live" in top and "IO" in top
+        attach = subprocess.Popen([*_pykvm(), "attach", "live"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env)
+        try:
+            attach.communicate(b"followed" + b"q", timeout=60)
+        finally:
+            attach.kill()
+        out, _ = follow.communicate(timeout=60)      # logs -f ends when the VM does
+        assert b"followed" in out
+        seen = b""
+        while b" die " not in seen:
+            line = events.stdout.readline()
+            assert line, "the events stream ended"
+            seen += line
+        assert b"exitCode=7" in seen and b" create " in seen and b" start " in seen
+    finally:
+        events.kill()
+        events.wait()
+
