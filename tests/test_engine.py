@@ -369,3 +369,21 @@ def test_follow_logs_live_events_and_top(daemon, tmp_path):
         events.kill()
         events.wait()
 
+
+
+@needs_kvm
+def test_attach_over_plain_http_with_curl(daemon, tmp_path):
+    """POST /vms/{id}/attach: the request body is the console's input while the response streams its output."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    assert daemon.pykvm("run", "-d", "--name", "plain", str(echo_guest(tmp_path))).returncode == 0
+    curl_attach = subprocess.Popen(["curl", "-sS", "-N", "-T", "-", "-X", "POST", "--unix-socket", str(daemon.socket),
+                                    "http://pykvm/vms/plain/attach"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = curl_attach.communicate(b"over-http" + b"q", timeout=60)
+    finally:
+        curl_attach.kill()
+    assert b"over-http" in out, err
+    wait_for(lambda: state_of(daemon, "plain")["Status"] == "exited", what="the guest's end")
+    assert state_of(daemon, "plain")["ExitCode"] == 7

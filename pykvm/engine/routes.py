@@ -75,6 +75,51 @@ class CreateRequest(BaseModel):
         return value
 
 
+class ConsoleStream(Response):
+    """A raw ASGI response that pumps the request body into the console while streaming its output
+    (Starlette's StreamingResponse would consume request messages while waiting for a disconnect)."""
+
+    media_type = "application/vnd.docker.raw-stream"
+
+    def __init__(self, backend, vm, reader, writer, replay: bool) -> None:
+        super().__init__(status_code=200, media_type=self.media_type)
+        self.raw_headers = [(b"content-type", self.media_type.encode())]   # no length: chunked, open-ended
+        self.backend, self.vm, self.reader, self.writer, self.replay = backend, vm, reader, writer, replay
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+        async def pump_in():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                if message.get("body"):
+                    self.writer.write(message["body"])
+                    await self.writer.drain()
+
+        async def pump_out():
+            if self.replay:
+                async for chunk in self.backend.logs(self.vm, False, None, False):
+                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            while data := await self.reader.read(65536):
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        tasks = [asyncio.ensure_future(pump_out()), asyncio.ensure_future(pump_in())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks[1] in done and not tasks[0].done():     # the input ended: keep showing output
+                await tasks[0]
+        except OSError:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def make_app(backend: Backend) -> FastAPI:
     """The ASGI application serving ``backend``."""
     app = FastAPI(title="pykvm Engine API", version=API_VERSION,
@@ -268,6 +313,18 @@ def make_app(backend: Backend) -> FastAPI:
             async for ev in backend.events(since, until, flt):
                 yield json.dumps(ev) + "\n"
         return StreamingResponse(lines(), media_type="application/json")
+
+    @app.post("/vms/{ref}/attach")
+    async def attach_http(request: Request, ref: str, logs: bool = False):
+        """The console over one plain HTTP/1.1 exchange: the request body (sent as it is typed, chunked) is
+        the guest's input, the streamed response its output, both at once (``curl -T - ...``)."""
+        vm = vm_for(request, ref)
+        path = backend.console_socket(vm)
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+        except OSError:
+            raise Conflict(f"VM {vm.name}'s console is not there (has it just ended?)") from None
+        return ConsoleStream(backend, vm, reader, writer, logs)
 
     @app.websocket("/vms/{ref}/attach/ws")
     async def attach(websocket: WebSocket, ref: str, logs: bool = False):

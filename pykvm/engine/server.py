@@ -68,8 +68,8 @@ class Limits:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"].endswith("/attach")):
+            return await self.app(scope, receive, send)     # a console session: input for as long as it lasts
         for key, value in scope["headers"]:
             if key == b"content-length":
                 try:
