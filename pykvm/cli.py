@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="end the run (status 124) if the guest is still running after this long")
     run.add_argument("-q", "--quiet", action="store_true", help="do not print how the run ended")
+    run.add_argument("-d", "--detach", action="store_true",
+                     help="create and start the VM through `pykvm daemon`, print its id (see `pykvm ps`)")
+    run.add_argument("--name", help="with -d: the VM's name")
+    run.add_argument("-H", "--host", help="with -d: the daemon's socket")
     virtio = run.add_argument_group("virtio devices (virtio-mmio, announced to a Linux kernel on its command line)")
     virtio.add_argument("--drive", action="append", default=[], metavar="FILE[,readonly]",
                         help="a raw disk image as a virtio-blk device (/dev/vda, vdb, ...; repeatable)")
@@ -173,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--require-c", action="store_true", help="status 2 when gcc cannot build the C baseline")
     fetch = sub.add_parser("fetch", help="download a guest: `pykvm fetch linux` gets Debian's kernel (cached)")
     fetch.add_argument("what", choices=["linux"])
+    from .client import add_parsers  # the daemon and its docker-style client verbs
+    add_parsers(sub, _size, _int)
     return parser
 
 
@@ -180,8 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     """The ``pykvm`` command; returns its exit status (see the module docstring)."""
     args = build_parser().parse_args(bind_free_text(sys.argv[1:] if argv is None else list(argv)))
     try:
+        if args.command == "run" and args.detach:
+            from .client import run_detached
+            return run_detached(args)
         if args.command == "run":
             return cmd_run(args)
+        from .client import VERBS
+        if args.command in VERBS:
+            from .client import main as client_main
+            return client_main(args)
         if args.command == "fetch":
             return cmd_fetch(args)
         if args.command == "bench":

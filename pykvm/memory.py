@@ -282,6 +282,7 @@ def set_dirty_logging(memory: GuestMemory, vm, on: bool) -> None:
 def dirty_pages(memory: GuestMemory, vm) -> list[tuple[Region, int, list[int]]]:
     """For each RAM region: (region, its memory-file offset, the indices of the 4 KiB pages the guest wrote since
     the last call). KVM_GET_DIRTY_LOG also clears KVM's log, so each call starts a new interval."""
+    from .kvm.abi import ffi
     out = []
     for region, offset in ram_regions(memory):
         pages = region.size // PAGE_SIZE

@@ -1,0 +1,565 @@
+"""The docker-style client verbs of ``pykvm`` (issue 12, part 4): REST calls to ``pykvm daemon``.
+
+``pykvm ps``, ``create``, ``start``, ``stop``, ``kill``, ``restart``, ``rm``, ``inspect``, ``logs``,
+``attach``, ``pause``, ``unpause``, ``stats``, ``events``, ``top``, ``run -d`` and ``daemon``: docker's
+verbs and flags where they mean the same thing. Each speaks HTTP over the daemon's Unix socket (httpx);
+``attach`` is a WebSocket (``/vms/{id}/attach/ws``). Errors are one line and status 1 for an error
+the daemon reported (as docker), 2 for bad usage or no daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .errors import UsageError
+
+ESCAPE = 0x01       # Ctrl-A, then x: detach (as `pykvm run`'s console)
+
+
+class DaemonError(Exception):
+    """The daemon answered with an error: ``status`` and its ``{"message"}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Client:
+    """A synchronous client of the daemon's API over its Unix socket."""
+
+    def __init__(self, socket_path: Path, timeout: float | None = 60.0) -> None:
+        import httpx
+        self.socket_path = socket_path
+        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://pykvm",
+                                 timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kw):
+        import httpx
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise UsageError(f"cannot reach the pykvm daemon at {self.socket_path} ({e}): is `pykvm daemon` "
+                             "running? (choose a socket with --host or PYKVM_HOST)") from None
+        if r.status_code >= 400:
+            try:
+                message = r.json().get("message", r.text)
+            except ValueError:
+                message = r.text
+            raise DaemonError(r.status_code, message)
+        return r
+
+    def json(self, method: str, path: str, **kw):
+        r = self.request(method, path, **kw)
+        return r.json() if r.content else None
+
+    def stream(self, method: str, path: str, **kw):
+        """Yield chunks of text of a streaming response."""
+        import httpx
+        try:
+            with self.http.stream(method, path, timeout=httpx.Timeout(None, connect=10), **kw) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    try:
+                        message = r.json().get("message", r.text)
+                    except ValueError:
+                        message = r.text
+                    raise DaemonError(r.status_code, message)
+                yield from r.iter_text()
+        except httpx.TransportError as e:
+            raise UsageError(f"cannot reach the pykvm daemon at {self.socket_path} ({e})") from None
+
+
+def _r(ref: str) -> str:
+    """A VM reference for a URL path: as docker takes it (a leading '/' of a name dropped), percent-encoded so
+    an odd name can never reach another path."""
+    from urllib.parse import quote
+    return quote(ref.lstrip("/"), safe="")
+
+
+# -- parsers -----------------------------------------------------------------------------------------
+VERBS = ("daemon", "ps", "create", "start", "stop", "kill", "restart", "rm", "inspect", "logs", "attach", "pause",
+         "unpause", "stats", "events", "top", "wait", "snapshot")
+
+
+def add_vm_options(p: argparse.ArgumentParser, size_type, int_type) -> None:
+    """The options of `create` that `run` also has (same names)."""
+    p.add_argument("image", nargs="?", default=None, help="a bundled guest name or a flat binary file")
+    p.add_argument("-k", "--kernel", metavar="FILE")
+    p.add_argument("-i", "--initrd", metavar="FILE")
+    p.add_argument("-p", "--append", default="", metavar="CMDLINE")
+    p.add_argument("-m", "--mem", type=size_type, default=64 << 20, metavar="SIZE")
+    p.add_argument("-c", "--cpus", type=int_type, default=1, metavar="N")
+    p.add_argument("--drive", action="append", default=[], metavar="FILE[,readonly]")
+    p.add_argument("--rng", action="store_true")
+    p.add_argument("--console", choices=["uart", "virtio"], default="uart")
+
+
+def add_parsers(sub, size_type, int_type) -> None:
+    """Register the client verbs on ``pykvm``'s subparsers."""
+    def verb(name, help_, ids=True, many=True):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("-H", "--host", help="the daemon's socket (default: $PYKVM_HOST or the standard path)")
+        if ids:
+            p.add_argument("vms", nargs="+" if many else None, metavar="VM", help="id, id prefix or name")
+        return p
+
+    d = sub.add_parser("daemon", help="serve the Engine API on a Unix socket and run VMs")
+    d.add_argument("--socket", help="socket path (default /run/pykvm/pykvm.sock as root, else "
+                                    "$XDG_RUNTIME_DIR/pykvm/pykvm.sock)")
+    d.add_argument("--state-dir", help="database and logs (default /var/lib/pykvm as root, else "
+                                       "$XDG_STATE_HOME/pykvm)")
+    d.add_argument("--memory-budget", type=size_type, default=None, metavar="SIZE",
+                   help="guest RAM + VMM overhead the running VMs may hold (default: available memory - 256M)")
+    d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    p = verb("ps", "list VMs", ids=False)
+    p.add_argument("-a", "--all", action="store_true", help="also VMs that are not running")
+    p.add_argument("-q", "--quiet", action="store_true", help="only ids")
+    p.add_argument("--no-trunc", action="store_true")
+    p.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="id=, name=, status=, exited=")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    c = verb("create", "create a VM (not started); prints its id", ids=False)
+    c.add_argument("--name")
+    c.add_argument("--from-snapshot", metavar="VM:SNAPSHOT", help="start from a snapshot taken with `pykvm snapshot`")
+    add_vm_options(c, size_type, int_type)
+    sn = verb("snapshot", "a full snapshot of a running or paused VM (restore: create --from-snapshot VM:NAME)",
+              many=False)
+    sn.add_argument("name", help="the snapshot's name")
+    s = verb("start", "start VMs")
+    s.add_argument("-a", "--attach", action="store_true", help="attach to the console (one VM)")
+    for name, help_ in (("stop", "stop VMs: Ctrl-Alt-Del, then kill after -t seconds"),
+                        ("restart", "stop then start VMs")):
+        p = verb(name, help_)
+        p.add_argument("-t", "--time", type=float, default=10, help="seconds to wait before killing (default 10)")
+    k = verb("kill", "kill VMs' VMM processes")
+    k.add_argument("-s", "--signal", default="SIGKILL")
+    r = verb("rm", "remove VMs")
+    r.add_argument("-f", "--force", action="store_true", help="kill a running VM first")
+    verb("inspect", "VMs' full records as JSON")
+    lg = verb("logs", "a VM's console output", many=False)
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-n", "--tail", default="all", help="only the last N lines")
+    lg.add_argument("-t", "--timestamps", action="store_true")
+    verb("attach", "the VM's serial console here (Ctrl-A x detaches)", many=False)
+    verb("pause", "pause VMs (every vCPU out of KVM_RUN)")
+    verb("unpause", "resume paused VMs")
+    verb("wait", "block until VMs stop; print their exit statuses")
+    st = verb("stats", "CPU, memory and exits of VMs", ids=False)
+    st.add_argument("vms", nargs="*", metavar="VM")
+    st.add_argument("--no-stream", action="store_true")
+    st.add_argument("--format", choices=["table", "json"], default="table")
+    ev = verb("events", "stream VM events", ids=False)
+    ev.add_argument("--since", help="unix time, or a duration before now: 30s, 10m, 2h")
+    ev.add_argument("--until", help="unix time, or a duration before now (0s: now)")
+    ev.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE", help="vm=, event=")
+    tp = verb("top", "exit rate per reason of every running VM, refreshing (kvm_stat per VM)", ids=False)
+    tp.add_argument("-d", "--delay", type=float, default=1.0, help="seconds between refreshes")
+    tp.add_argument("-n", "--iterations", type=int, default=0, help="stop after N refreshes (default: never)")
+
+
+def spec_from_args(args) -> dict:
+    """The create request body for `create` / `run -d` options (paths made absolute: the daemon has no
+    working directory of ours)."""
+    from .boot import bundled
+    spec: dict = {"MemoryMiB": max(1, args.mem >> 20), "Vcpus": args.cpus, "Rng": bool(args.rng),
+                  "Console": args.console}
+    if args.kernel:
+        if args.image:
+            raise UsageError(f"give either a guest ({args.image}) or --kernel, not both")
+        spec["Kernel"] = os.path.abspath(args.kernel)
+        if args.initrd:
+            spec["Initrd"] = os.path.abspath(args.initrd)
+        if args.append:
+            spec["Cmdline"] = args.append
+    elif args.initrd or args.append:
+        raise UsageError("--append and --initrd need a --kernel")
+    elif args.image and (Path(args.image).exists() or "/" in args.image or Path(args.image).suffix):
+        spec["ImageFile"] = os.path.abspath(args.image)
+    else:
+        spec["Image"] = args.image or bundled.DEFAULT.name
+    drives = []
+    for d in args.drive:
+        path, _, opt = d.partition(",")
+        if opt not in ("", "readonly"):
+            raise UsageError(f"--drive {d}: the only option is readonly")
+        drives.append({"PathOnHost": os.path.abspath(path), "ReadOnly": opt == "readonly"})
+    spec["Drives"] = drives
+    return spec
+
+
+# -- the verbs ---------------------------------------------------------------------------------------
+def main(args) -> int:
+    """Run one client verb (or the daemon); returns the exit status."""
+    if args.command == "daemon":
+        return cmd_daemon(args)
+    from .engine.paths import default_socket, socket_from_host
+    sock = socket_from_host(args.host) if getattr(args, "host", None) else default_socket()
+    client = Client(sock)
+    try:
+        return globals()[f"cmd_{args.command}"](client, args)
+    except DaemonError as e:
+        print(f"Error response from daemon: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+def cmd_daemon(args) -> int:
+    import asyncio
+    import logging
+
+    from .engine.paths import default_socket, default_state_dir, socket_from_host
+    from .engine.server import serve
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s pykvm daemon: %(message)s")
+    sock = socket_from_host(args.socket) if args.socket else default_socket()
+    state = Path(args.state_dir) if args.state_dir else default_state_dir()
+    try:
+        asyncio.run(serve(sock, state, args.memory_budget))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _filters(items: list[str]) -> str | None:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"a filter is KEY=VALUE, not {item!r}")
+        out.setdefault(key, []).append(value)
+    return json.dumps(out) if out else None
+
+
+def cmd_ps(client: Client, args) -> int:
+    params = {"all": "1" if args.all else "0"}
+    if f := _filters(args.filter):
+        params["filters"] = f
+    vms = client.json("GET", "/vms/json", params=params)
+    if args.format == "json":
+        for vm in vms:
+            print(json.dumps(vm))
+        return 0
+    if args.quiet:
+        for vm in vms:
+            print(vm["Id"] if args.no_trunc else vm["Id"][:12])
+        return 0
+    rows = [("VM ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MEMORY", "NAMES")]
+    for vm in vms:
+        image = vm["Image"] if args.no_trunc else _short(os.path.basename(vm["Image"]), 20)
+        command = json.dumps(vm["Command"] if args.no_trunc else _short(vm["Command"], 20))
+        rows.append((vm["Id"] if args.no_trunc else vm["Id"][:12], image, command,
+                     _ago(time.time() - vm["Created"]) + " ago", vm["Status"], f"{vm['Memory'] >> 20}MiB",
+                     vm["Names"][0].lstrip("/")))
+    _table(rows)
+    return 0
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if s >= size * 2:
+            return f"{s // size} {unit}"
+    return "About a minute" if s >= 60 else f"{s} seconds"
+
+
+def _table(rows) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_create(client: Client, args) -> int:
+    params = {"name": args.name} if args.name else {}
+    if args.from_snapshot:
+        vm, sep, snap = args.from_snapshot.rpartition(":")
+        if not sep or not vm or not snap:
+            raise UsageError(f"--from-snapshot takes VM:SNAPSHOT, not {args.from_snapshot!r}")
+        body = {"FromSnapshot": {"Vm": vm, "Snapshot": snap}}
+    else:
+        body = spec_from_args(args)
+    print(client.json("POST", "/vms/create", params=params, json=body)["Id"])
+    return 0
+
+
+def cmd_snapshot(client: Client, args) -> int:
+    print(client.json("POST", f"/vms/{_r(args.vms)}/snapshot", params={"name": args.name})["Path"])
+    return 0
+
+
+def run_detached(args) -> int:
+    """`pykvm run -d`: create + start through the daemon, print the id."""
+    from .engine.paths import default_socket, socket_from_host
+    client = Client(socket_from_host(args.host) if getattr(args, "host", None) else default_socket())
+    try:
+        params = {"name": args.name} if args.name else {}
+        vm_id = client.json("POST", "/vms/create", params=params, json=spec_from_args(args))["Id"]
+        client.request("POST", f"/vms/{_r(vm_id)}/start")
+        print(vm_id)
+        return 0
+    except DaemonError as e:
+        print(f"Error response from daemon: {e}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def _each(client: Client, args, method: str, path: str, **params) -> int:
+    """Apply one call to every VM named; print each name as docker does; status 1 if any failed."""
+    status = 0
+    for ref in args.vms:
+        try:
+            r = client.request(method, path.format(_r(ref)), params=params)
+            if r.status_code != 304 or method == "POST":
+                print(ref)
+        except DaemonError as e:
+            print(f"Error response from daemon: {e}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_start(client: Client, args) -> int:
+    if args.attach:
+        if len(args.vms) != 1:
+            raise UsageError("start -a attaches to one VM")
+        client.request("POST", f"/vms/{_r(args.vms[0])}/start")
+        return _attach(client, args.vms[0], exit_status=True)
+    return _each(client, args, "POST", "/vms/{}/start")
+
+
+def cmd_stop(client: Client, args) -> int:
+    return _each(client, args, "POST", "/vms/{}/stop", t=str(args.time))
+
+
+def cmd_restart(client: Client, args) -> int:
+    return _each(client, args, "POST", "/vms/{}/restart", t=str(args.time))
+
+
+def cmd_kill(client: Client, args) -> int:
+    return _each(client, args, "POST", "/vms/{}/kill", signal=args.signal)
+
+
+def cmd_rm(client: Client, args) -> int:
+    return _each(client, args, "DELETE", "/vms/{}", force="1" if args.force else "0")
+
+
+def cmd_pause(client: Client, args) -> int:
+    return _each(client, args, "POST", "/vms/{}/pause")
+
+
+def cmd_unpause(client: Client, args) -> int:
+    return _each(client, args, "POST", "/vms/{}/unpause")
+
+
+def cmd_wait(client: Client, args) -> int:
+    import httpx
+    client.http.timeout = httpx.Timeout(None, connect=10)
+    for ref in args.vms:
+        print(client.json("POST", f"/vms/{_r(ref)}/wait")["StatusCode"])
+    return 0
+
+
+def cmd_inspect(client: Client, args) -> int:
+    out, status = [], 0
+    for ref in args.vms:
+        try:
+            out.append(client.json("GET", f"/vms/{_r(ref)}/json"))
+        except DaemonError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            status = 1
+    print(json.dumps(out, indent=4))
+    return status
+
+
+def cmd_logs(client: Client, args) -> int:
+    params = {"follow": "1" if args.follow else "0", "tail": args.tail,
+              "timestamps": "1" if args.timestamps else "0"}
+    for chunk in client.stream("GET", f"/vms/{_r(args.vms)}/logs", params=params):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_events(client: Client, args) -> int:
+    params = {}
+    for key in ("since", "until"):
+        value = getattr(args, key)
+        if value:
+            params[key] = _when(value)
+    if f := _filters(args.filter):
+        params["filters"] = f
+    buf = ""
+    for chunk in client.stream("GET", "/events", params=params):
+        buf += chunk
+        while "\n" in buf:
+            line, buf = buf.split("\n", 1)
+            ev = json.loads(line)
+            when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ev["time"]))
+            attrs = ", ".join(f"{k}={v}" for k, v in sorted(ev["Actor"]["Attributes"].items()))
+            print(f"{when} vm {ev['Action']} {ev['id']} ({attrs})", flush=True)
+    return 0
+
+
+def _when(text: str) -> str:
+    """A unix time, or a duration before now as docker accepts it (``30s``, ``10m``, ``2h``)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1:] in units:
+            return str(time.time() - float(text[:-1]) * units[text[-1]])
+        return str(float(text))
+    except ValueError:
+        raise UsageError(f"not a time: {text!r} (a unix time, or a duration such as 30s, 10m, 2h)") from None
+
+
+def cmd_stats(client: Client, args) -> int:
+    refs = args.vms or [vm["Id"] for vm in client.json("GET", "/vms/json")]
+    prev: dict[str, tuple[float, int]] = {}
+    while True:
+        rows = [("VM ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "UNIQUE", "EXITS")]
+        records = []
+        for ref in refs:
+            s = client.json("GET", f"/vms/{_r(ref)}/stats", params={"stream": "0"})
+            records.append(s)
+            now, used = time.monotonic(), s["cpu_stats"].get("total_usage_ns", 0)
+            before = prev.get(s["id"])
+            cpu = (used - before[1]) / 1e9 / (now - before[0]) * 100 if before else 0.0
+            prev[s["id"]] = (now, used)
+            mem = s["memory_stats"]
+            exits = sum(r.get("count", 0) for r in ((s.get("exits") or {}).get("reasons") or {}).values())
+            rows.append((s["id"][:12], s["name"].lstrip("/"), f"{cpu:.1f}%",
+                         f"{mem.get('usage', 0) / 2**20:.1f}MiB / {mem.get('limit', 0) / 2**20:.0f}MiB",
+                         f"{mem.get('uss', 0) / 2**20:.1f}MiB", exits if s.get("exits") else "-"))
+        if args.format == "json":
+            for s in records:
+                print(json.dumps(s))
+        else:
+            if not args.no_stream and sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")
+            _table(rows)
+        if args.no_stream:
+            return 0
+        time.sleep(1.0)
+
+
+def cmd_top(client: Client, args) -> int:
+    """Exits per second per reason for every running VM, from the VMMs' exit statistics."""
+    prev: dict[str, tuple[float, dict]] = {}
+    n = 0
+    while True:
+        lines = []
+        for vm in client.json("GET", "/vms/json"):
+            s = client.json("GET", f"/vms/{_r(vm['Id'])}/stats", params={"stream": "0"})
+            now = time.monotonic()
+            reasons = {k: v.get("count", 0) for k, v in ((s.get("exits") or {}).get("reasons") or {}).items()}
+            before = prev.get(vm["Id"])
+            prev[vm["Id"]] = (now, reasons)
+            lines.append(f"{vm['Id'][:12]}  {vm['Names'][0].lstrip('/')}  ({vm['Status']})")
+            if s.get("exits") is None:
+                lines.append("    (this VMM publishes no exit statistics)")
+                continue
+            dt = now - before[0] if before else None
+            total_rate = 0.0
+            for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+                rate = (count - before[1].get(reason, 0)) / dt if dt else 0.0
+                total_rate += rate
+                lines.append(f"    {reason:<24} {count:>12} {rate:>10.1f}/s")
+            lines.append(f"    {'Total':<24} {sum(reasons.values()):>12} {total_rate:>10.1f}/s")
+        if sys.stdout.isatty():
+            print("\x1b[H\x1b[2J", end="")
+        print(f"{'VM / exit reason':<28} {'count':>12} {'rate':>12}")
+        print("\n".join(lines) if lines else "(no running VMs)", flush=True)
+        n += 1
+        if args.iterations and n >= args.iterations:
+            return 0
+        time.sleep(args.delay)
+
+
+def cmd_attach(client: Client, args) -> int:
+    return _attach(client, args.vms)
+
+
+def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
+    """Bridge this terminal (or pipe) to the VM's console until Ctrl-A x, the VM's end or EOF on a pipe."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import unix_connect
+    vm = client.json("GET", f"/vms/{_r(ref)}/json")
+    if not vm["State"]["Running"]:
+        raise DaemonError(409, f"VM {vm['Name'].lstrip('/')} is not running: start it first")
+    try:
+        ws = unix_connect(str(client.socket_path), f"ws://pykvm/vms/{vm['Id']}/attach/ws")
+    except (OSError, ConnectionClosed, Exception) as e:    # the handshake refused: the VM is not running
+        raise DaemonError(409, f"cannot attach to {ref}: {e}") from None
+    stdin = sys.stdin.fileno() if not sys.stdin.closed else None
+    tty_state = None
+    if stdin is not None and os.isatty(stdin):
+        import termios
+        import tty
+        tty_state = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+    stop = threading.Event()
+
+    def feed():
+        pending_escape = False
+        while not stop.is_set():
+            try:
+                data = os.read(stdin, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                if tty_state is None:      # a pipe ended: keep showing output until the VM ends
+                    return
+                stop.set()
+                ws.close()
+                return
+            out = bytearray()
+            for b in data:
+                if pending_escape:
+                    pending_escape = False
+                    if b in (ord("x"), ord("X")):
+                        stop.set()
+                        ws.close()
+                        return
+                    out.append(b)
+                elif b == ESCAPE and tty_state is not None:
+                    pending_escape = True
+                else:
+                    out.append(b)
+            try:
+                ws.send(bytes(out))
+            except ConnectionClosed:
+                return
+
+    if stdin is not None:
+        threading.Thread(target=feed, daemon=True).start()
+    try:
+        for message in ws:
+            data = message if isinstance(message, bytes) else message.encode()
+            os.write(sys.stdout.fileno(), data)
+    except ConnectionClosed:
+        pass
+    finally:
+        stop.set()
+        ws.close()
+        if tty_state is not None:
+            import termios
+            termios.tcsetattr(stdin, termios.TCSADRAIN, tty_state)
+            print("\r", file=sys.stderr)
+    if exit_status:
+        state = client.json("GET", f"/vms/{_r(vm['Id'])}/json")["State"]
+        return 0 if state["Running"] else state["ExitCode"]
+    return 0

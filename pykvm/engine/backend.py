@@ -1,0 +1,701 @@
+"""The lifecycle of VMs, between the routes and the store (issue 12, parts 2, 3 and 5).
+
+What ``docker`` users know from containers: created -> running <-> paused -> exited, restart, rm.
+Each running VM is a shim process (see :mod:`pykvm.engine.shim`) that the daemon watches through a
+pidfd; a daemon started later re-adopts the shims still alive (same pid *and* same start time, so a
+recycled pid is never taken for one) and marks the VMs whose shim is gone with the exit status it
+left in ``exit.json``. Every path a request names is opened with its caller's permissions
+(:mod:`pykvm.engine.access`). The memory budget refuses a start that would over-commit (409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .. import __version__
+from . import logs
+from .access import Caller, Forbidden, open_as
+from .store import BadRequest, Conflict, NotFound, Store, Vm, check_name, new_id
+from .vmm import VmmApi, VmmError, has_vmm_api, launch_shim, vmm_argv
+
+log = logging.getLogger("pykvm.engine")
+
+VMM_OVERHEAD_MIB = 64           # host memory a VMM process needs beyond guest RAM (charged to the budget)
+RESERVE_MIB = 256               # what the default budget leaves to the host
+DIR_DIGITS = 16                 # hex digits of the id naming a VM's directory
+
+
+class NotModified(Exception):
+    """Nothing to do (HTTP 304, as Docker answers stopping a stopped container)."""
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), None if no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19])
+
+
+def charge(vm: Vm) -> int:
+    return (int(vm.spec.get("MemoryMiB", 64)) + VMM_OVERHEAD_MIB) << 20
+
+
+class Backend:
+    """Every operation the API offers, on the records of ``store``."""
+
+    def __init__(self, state_dir: Path, memory_budget: int | None = None) -> None:
+        self.state_dir = state_dir
+        self.vms_dir = state_dir / "vms"
+        self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = Store(state_dir / "pykvm.db")
+        self.memory_budget = memory_budget
+        self.subscribers: set[asyncio.Queue] = set()
+        self.procs: dict[str, object] = {}        # id -> Popen of shims this daemon started (to reap them)
+        self.exited: dict[str, asyncio.Event] = {}
+        self.pidfds: dict[str, int] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.started = time.time()
+
+    # -- start-up and shut-down -----------------------------------------------------------------
+    async def adopt(self) -> None:
+        """Re-adopt the VMs whose shims outlived a previous daemon; mark the others with how they ended."""
+        running = 0
+        for vm in self.store.all():
+            if vm.state not in ("running", "paused"):
+                continue
+            if vm.shim_pid and proc_start_time(vm.shim_pid) == vm.shim_start and self._watch(vm):
+                running += charge(vm)
+                log.info("re-adopted %s (%s), shim pid %d", vm.name, vm.id[:12], vm.shim_pid)
+            else:
+                self._finished(vm)
+        if self.memory_budget is None:
+            self.memory_budget = max(0, mem_available() + running - (RESERVE_MIB << 20))
+
+    def close(self) -> None:
+        """Stop watching (the VMs keep running) and close the database."""
+        loop = asyncio.get_event_loop()
+        for fd in self.pidfds.values():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+            os.close(fd)
+        self.pidfds.clear()
+        self.store.close()
+
+    def vmdir(self, vm_id: str) -> Path:
+        """A VM's directory: ``vms/`` + the first 16 hex digits of its id (unique: see ``create``), short
+        enough that the sockets in it stay under the 108 bytes of sun_path (unix(7))."""
+        return self.vms_dir / vm_id[:DIR_DIGITS]
+
+    # -- events ---------------------------------------------------------------------------------
+    def event(self, action: str, vm: Vm, **extra) -> None:
+        attributes = {"name": vm.name, "image": _image(vm.spec), **{k: str(v) for k, v in extra.items()}}
+        ev = self.store.add_event(action, vm.id, attributes)
+        for queue in list(self.subscribers):
+            if queue.qsize() < 10000:
+                queue.put_nowait(ev)
+
+    async def events(self, since: float | None, until: float | None, filters: dict) -> AsyncIterator[dict]:
+        """Past events from ``since`` then, unless ``until`` is given, new ones as they happen."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self.subscribers.add(queue)
+        try:
+            last = 0
+            if since is not None:
+                for ev in self.store.events(since, until):
+                    last = ev["seq"]
+                    if _event_matches(ev, filters):
+                        yield ev
+            if until is not None and until <= time.time():
+                return
+            while True:
+                timeout = None if until is None else min(max(0.0, until - time.time()), 86400.0)
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    return
+                if ev["seq"] > last and _event_matches(ev, filters):
+                    yield ev
+        finally:
+            self.subscribers.discard(queue)
+
+    # -- the VM records -------------------------------------------------------------------------
+    def lookup(self, ref: str) -> Vm:
+        return self.store.lookup(ref)
+
+    def check_files(self, caller: Caller, spec: dict) -> None:
+        """Forbidden / BadRequest unless ``caller`` may open every file ``spec`` names (blocking: it forks)."""
+        for fd in self._open_files(caller, spec).values():
+            os.close(fd)
+
+    def create(self, caller: Caller, spec: dict, name: str | None) -> Vm:
+        """Record a new VM (call ``check_files`` first). Returns it. Runs on the event loop's thread, the
+        only one that uses the database."""
+        name = check_name(name) if name else self.store.free_name()
+        vm_id = new_id()
+        while self.vmdir(vm_id).exists():     # 2**-64 odds, but a shared directory would mix two VMs
+            vm_id = new_id()
+        vm = Vm(id=vm_id, name=name, spec=spec, state="created", created=time.time(), owner_uid=caller.uid,
+                owner_gid=caller.gid, owner_groups=list(caller.groups))
+        self.store.insert(vm)
+        (self.vmdir(vm.id)).mkdir(mode=0o700)
+        self.event("create", vm)
+        return vm
+
+    def _open_files(self, owner: Caller, spec: dict) -> dict[str, int]:
+        """Every host file the spec names, opened as ``owner``: {"kernel": fd, "drive0": fd, ...}."""
+        wanted = []
+        for key, what in (("Kernel", "kernel"), ("Initrd", "initrd"), ("ImageFile", "image")):
+            if spec.get(key):
+                wanted.append((what, spec[key], os.O_RDONLY))
+        for n, drive in enumerate(spec.get("Drives") or []):
+            wanted.append((f"drive{n}", drive["PathOnHost"], os.O_RDONLY if drive.get("ReadOnly") else os.O_RDWR))
+        fds: dict[str, int] = {}
+        try:
+            for what, path, flags in wanted:
+                if not os.path.isabs(path):
+                    raise BadRequest(f"{what} path {path!r} must be absolute (the daemon has no working directory "
+                                     "of yours)")
+                try:
+                    fds[what] = open_as(owner, path, flags | os.O_NONBLOCK, what.rstrip("0123456789"))
+                except Forbidden:
+                    raise
+                except OSError as e:
+                    raise BadRequest(e.strerror or str(e)) from None
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return fds
+
+    def inspect(self, vm: Vm) -> dict:
+        """The Engine API's container JSON, for a VM."""
+        return {
+            "Id": vm.id, "Name": "/" + vm.name, "Created": logs.rfc3339(vm.created),
+            "State": {"Status": vm.state, "Running": vm.state in ("running", "paused"), "Paused": vm.state == "paused",
+                      "Dead": vm.state == "dead", "Pid": vm.vmm_pid or 0, "ShimPid": vm.shim_pid or 0,
+                      "ExitCode": vm.exit_code or 0, "Error": vm.error,
+                      "StartedAt": logs.rfc3339(vm.started_at) if vm.started_at else "",
+                      "FinishedAt": logs.rfc3339(vm.finished_at) if vm.finished_at else ""},
+            "Config": vm.spec, "Image": _image(vm.spec), "RestartCount": vm.restart_count,
+            "HostConfig": {"Memory": vm.mem_bytes, "NanoCpus": int(vm.spec.get("Vcpus", 1)) * 10**9},
+            "LogPath": str(self.vmdir(vm.id) / "console.log"), "ApiSocket": vm.api_sock or "",
+            "Owner": {"Uid": vm.owner_uid, "Gid": vm.owner_gid},
+        }
+
+    def summary(self, vm: Vm) -> dict:
+        """One entry of ``GET /vms/json`` (Docker's container list shape)."""
+        return {"Id": vm.id, "Names": ["/" + vm.name], "Image": _image(vm.spec), "Command": vm.spec.get("Cmdline", ""),
+                "Created": int(vm.created), "State": vm.state, "Status": _status_text(vm),
+                "Memory": vm.mem_bytes, "Vcpus": int(vm.spec.get("Vcpus", 1)), "Pid": vm.vmm_pid or 0}
+
+    def list(self, all_: bool, filters: dict) -> list[dict]:
+        out = []
+        for vm in self.store.all():
+            if not all_ and vm.state not in ("running", "paused") and "status" not in filters:
+                continue
+            if _vm_matches(vm, filters):
+                out.append(self.summary(vm))
+        return out
+
+    def info(self) -> dict:
+        from ..kvm.host import host_backend
+        vms = self.store.all()
+        counts = {s: sum(1 for v in vms if v.state == s) for s in ("running", "paused", "exited", "created")}
+        return {"ID": "pykvm", "VMs": len(vms), "VMsRunning": counts["running"], "VMsPaused": counts["paused"],
+                "VMsStopped": counts["exited"] + counts["created"], "KvmBackend": host_backend(),
+                "MemoryBudget": self.memory_budget, "MemoryCommitted": self.committed(),
+                "VmmOverhead": VMM_OVERHEAD_MIB << 20, "DockerRootDir": str(self.state_dir),
+                "ServerVersion": __version__, "VmmApi": has_vmm_api(), "NCPU": os.cpu_count(),
+                "MemTotal": _meminfo("MemTotal")}
+
+    def committed(self) -> int:
+        """Bytes of the budget held by running and paused VMs (guest RAM + VMM overhead each)."""
+        return sum(charge(v) for v in self.store.all() if v.state in ("running", "paused"))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        return self.locks.setdefault(vm_id, asyncio.Lock())
+
+    async def start(self, ref: str) -> Vm:
+        vm = self.lookup(ref)
+        async with self._lock(vm.id):
+            vm = self.store.get(vm.id)
+            if vm.state in ("running", "paused"):
+                raise Conflict(f"VM {vm.name} is already {vm.state}")
+            need = charge(vm)
+            if self.committed() + need > (self.memory_budget or 0):
+                raise Conflict(f"starting VM {vm.name} needs {need >> 20} MiB ({vm.mem_bytes >> 20} MiB of guest RAM "
+                               f"+ {VMM_OVERHEAD_MIB} MiB for its VMM), but only "
+                               f"{max(0, (self.memory_budget or 0) - self.committed()) >> 20} MiB of the daemon's "
+                               f"{(self.memory_budget or 0) >> 20} MiB memory budget is free: stop a VM or raise "
+                               "--memory-budget")
+            owner = Caller(0, vm.owner_uid, vm.owner_gid, tuple(vm.owner_groups))
+            fds = self._open_files(owner, vm.spec)
+            vmdir = self.vmdir(vm.id)
+            vmdir.mkdir(mode=0o700, exist_ok=True)
+            api_sock = vmdir / "api.sock" if has_vmm_api() else None
+            restoring = bool(vm.spec.get("FromSnapshot"))
+            if restoring and api_sock is None:
+                raise Conflict("this pykvm has no per-VM API, so it cannot restore a snapshot")
+            if api_sock is not None:
+                api_sock.unlink(missing_ok=True)
+            argv = vmm_argv(vm.spec, {k: f"/proc/self/fd/{fd}" for k, fd in fds.items()}, api_sock)
+            try:
+                proc = launch_shim(vmdir, argv, list(fds.values()))
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            self.procs[vm.id] = proc
+            now = time.time()
+            self.store.update(vm.id, state="running", shim_pid=proc.pid, shim_start=proc_start_time(proc.pid),
+                              started_at=now, finished_at=None, exit_code=None, error="",
+                              api_sock=str(api_sock) if api_sock else None, vmm_pid=None)
+            vm = self.store.get(vm.id)
+            self._watch(vm)
+            vmm_pid = await self._vmm_pid(vm)
+            if vmm_pid:
+                self.store.update(vm.id, vmm_pid=vmm_pid)
+            if restoring:
+                await self._restore(self.store.get(vm.id))
+            elif api_sock is not None:
+                await self._api_ready(self.store.get(vm.id))
+            vm = self.store.get(vm.id)
+            self.event("start", vm)
+            return vm
+
+    async def _vmm_pid(self, vm: Vm, wait: float = 5.0) -> int | None:
+        path = self.vmdir(vm.id) / "vmm.pid"
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                return int(json.loads(path.read_text())["pid"])
+            except (OSError, ValueError, KeyError):
+                if self._exit_event(vm.id).is_set():
+                    return None
+                await asyncio.sleep(0.005)
+        return None
+
+    def _exit_event(self, vm_id: str) -> asyncio.Event:
+        return self.exited.setdefault(vm_id, asyncio.Event())
+
+    def _watch(self, vm: Vm) -> bool:
+        """Learn when ``vm``'s shim ends (a pidfd becomes readable, pidfd_open(2)); False if it is gone."""
+        try:
+            fd = os.pidfd_open(vm.shim_pid)
+        except OSError:
+            return False
+        self.pidfds[vm.id] = fd
+        self._exit_event(vm.id).clear()
+        asyncio.get_event_loop().add_reader(fd, self._shim_ended, vm.id)
+        return True
+
+    def _shim_ended(self, vm_id: str) -> None:
+        fd = self.pidfds.pop(vm_id, None)
+        if fd is not None:
+            asyncio.get_event_loop().remove_reader(fd)
+            os.close(fd)
+        proc = self.procs.pop(vm_id, None)
+        if proc is not None:
+            proc.wait()        # our child: reap it
+        try:
+            vm = self.store.get(vm_id)
+        except NotFound:
+            return
+        self._finished(vm)
+
+    def _finished(self, vm: Vm) -> None:
+        """Record how ``vm`` ended, from the ``exit.json`` its shim wrote."""
+        try:
+            record = json.loads((self.vmdir(vm.id) / "exit.json").read_text())
+            code, finished, error = int(record["ExitCode"]), float(record["FinishedAt"]), record.get("Error", "")
+            state = "exited"
+        except (OSError, ValueError, KeyError, TypeError):
+            code, finished, state = 255, time.time(), "dead"
+            error = "the VM's shim ended without recording the VMM's exit status"
+        self.store.update(vm.id, state=state, exit_code=code, finished_at=finished, error=error, vmm_pid=None,
+                          shim_pid=None, shim_start=None)
+        self.event("die", vm, exitCode=code)
+        self._exit_event(vm.id).set()
+
+    def _signal(self, vm: Vm, signum: int) -> None:
+        """Send ``signum`` to the VMM (its pid cannot be recycled while its shim, its parent, is alive)."""
+        pid = vm.vmm_pid
+        if not pid:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                pid = int(json.loads((self.vmdir(vm.id) / "vmm.pid").read_text())["pid"])
+        if pid and vm.id in self.pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        elif vm.shim_pid and vm.id in self.pidfds:
+            os.pidfd_send_signal(self.pidfds[vm.id], signum)
+
+    async def _wait_exit(self, vm: Vm, timeout: float | None) -> bool:
+        event = self._exit_event(vm.id)
+        if vm.id not in self.pidfds:
+            return True
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self, ref: str, timeout: float = 10.0) -> Vm:
+        """Ask the guest to shut down (SendCtrlAltDel through the VMM's API; SIGTERM to a VMM without one),
+        and SIGKILL the VMM if it has not ended after ``timeout`` seconds."""
+        vm = self.lookup(ref)
+        if vm.state not in ("running", "paused"):
+            raise NotModified()
+        self.event("kill", vm, signal="SIGTERM")
+        asked = False
+        if vm.api_sock and vm.state == "running":
+            with contextlib.suppress(VmmError):
+                await VmmApi(vm.api_sock).call("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+                asked = True
+        if not asked:
+            self._signal(vm, signal.SIGTERM)
+        if not await self._wait_exit(vm, timeout):
+            self._signal(vm, signal.SIGKILL)
+            await self._wait_exit(vm, 30)
+        vm = self.store.get(vm.id)
+        self.event("stop", vm)
+        return vm
+
+    async def kill(self, ref: str, signame: str = "SIGKILL") -> Vm:
+        vm = self.lookup(ref)
+        signum = _parse_signal(signame)
+        if vm.state not in ("running", "paused") or vm.id not in self.pidfds:
+            raise Conflict(f"VM {vm.name} is not running")
+        self.event("kill", vm, signal=signal.Signals(signum).name)
+        self._signal(vm, signum)
+        if signum == signal.SIGKILL:
+            await self._wait_exit(vm, 30)
+        return self.store.get(vm.id)
+
+    async def restart(self, ref: str, timeout: float = 10.0) -> Vm:
+        vm = self.lookup(ref)
+        with contextlib.suppress(NotModified):
+            await self.stop(vm.id, timeout)
+        vm = await self.start(vm.id)
+        self.store.update(vm.id, restart_count=vm.restart_count + 1)
+        self.event("restart", vm)
+        return self.store.get(vm.id)
+
+    async def pause(self, ref: str, paused: bool) -> Vm:
+        """PATCH /vm {"state": "Paused" | "Resumed"} on the VMM's API (Firecracker's pause)."""
+        vm = self.lookup(ref)
+        want_from = "running" if paused else "paused"
+        if vm.state != want_from:
+            raise Conflict(f"VM {vm.name} is {vm.state}, not {want_from}")
+        if not vm.api_sock:
+            raise Conflict(f"VM {vm.name}'s VMM has no API socket (this pykvm has no per-VM API), so it cannot be "
+                           "paused")
+        try:
+            await VmmApi(vm.api_sock).call("PATCH", "/vm", {"state": "Paused" if paused else "Resumed"})
+        except VmmError as e:
+            raise Conflict(str(e)) from None
+        self.store.update(vm.id, state="paused" if paused else "running")
+        vm = self.store.get(vm.id)
+        self.event("pause" if paused else "unpause", vm)
+        return vm
+
+    async def remove(self, ref: str, force: bool) -> None:
+        vm = self.lookup(ref)
+        if vm.state in ("running", "paused"):
+            if not force:
+                raise Conflict(f"you cannot remove a {vm.state} VM {vm.name}: stop it first or use force")
+            await self.kill(vm.id)
+        async with self._lock(vm.id):
+            self.store.delete(vm.id)
+            shutil.rmtree(self.vmdir(vm.id), ignore_errors=True)
+            self.event("destroy", vm)
+        self.locks.pop(vm.id, None)
+        self.exited.pop(vm.id, None)
+
+    async def snapshot(self, ref: str, name: str) -> dict:
+        """A full snapshot of a running or paused VM into its directory (``snapshots/NAME/``): pause,
+        PUT /snapshot/create on the VMM's API (Firecracker's), resume if it was running."""
+        vm = self.lookup(ref)
+        name = check_name(name)
+        if vm.state not in ("running", "paused"):
+            raise Conflict(f"VM {vm.name} is {vm.state}: only a running or paused VM can be snapshotted")
+        if not vm.api_sock:
+            raise Conflict(f"VM {vm.name}'s VMM has no API socket, so it cannot be snapshotted")
+        where = self.vmdir(vm.id) / "snapshots" / name
+        if where.exists():
+            raise Conflict(f"VM {vm.name} already has a snapshot named {name}")
+        where.mkdir(parents=True, mode=0o700)
+        api = vm.api_sock
+        async with self._lock(vm.id):
+            try:
+                if vm.state == "running":
+                    await VmmApi(api).call("PATCH", "/vm", {"state": "Paused"})
+                await VmmApi(api, timeout=120).call("PUT", "/snapshot/create", {
+                    "snapshot_type": "Full", "snapshot_path": str(where / "state"),
+                    "mem_file_path": str(where / "mem")})
+            except VmmError as e:
+                shutil.rmtree(where, ignore_errors=True)
+                raise Conflict(str(e)) from None
+            finally:
+                if vm.state == "running":
+                    with contextlib.suppress(VmmError):
+                        await VmmApi(api).call("PATCH", "/vm", {"state": "Resumed"})
+        self.event("snapshot", vm, snapshot=name)
+        return {"Vm": vm.id, "Snapshot": name, "Path": str(where)}
+
+    def snapshot_source(self, caller: Caller, source: dict) -> tuple[Vm, Path]:
+        """The VM and directory of ``{"Vm": ref, "Snapshot": name}``, if ``caller`` may read them."""
+        vm = self.lookup(str(source.get("Vm", "")))
+        if not caller.is_root and caller.uid != vm.owner_uid:
+            raise Forbidden(f"VM {vm.name} belongs to uid {vm.owner_uid}, not to you (uid {caller.uid})")
+        where = self.vmdir(vm.id) / "snapshots" / check_name(str(source.get("Snapshot", "")))
+        if not (where / "state").is_file():
+            raise NotFound(f"VM {vm.name} has no snapshot {source.get('Snapshot')}")
+        return vm, where
+
+    def adopt_snapshot(self, vm: Vm, where: Path) -> None:
+        """Give a VM created from a snapshot its own (hard-linked) copy of the files, so removing the
+        source VM does not take them away."""
+        mine = self.vmdir(vm.id) / "snapshot"
+        mine.mkdir(mode=0o700)
+        for name in ("state", "mem"):
+            try:
+                os.link(where / name, mine / name)
+            except OSError:
+                shutil.copyfile(where / name, mine / name)
+
+    async def _api_ready(self, vm: Vm, wait: float = 30.0) -> bool:
+        """Wait until the VMM's API socket exists (so pause, stats, stop can use it); False if the VM ended
+        first or ``wait`` seconds passed."""
+        sock = Path(vm.api_sock or "")
+        deadline = time.monotonic() + wait
+        while not sock.exists():
+            if self._exit_event(vm.id).is_set() or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    async def _restore(self, vm: Vm) -> None:
+        """PUT /snapshot/load on a fresh ``pykvm vmm`` and resume it."""
+        mine = self.vmdir(vm.id) / "snapshot"
+        sock = Path(vm.api_sock or "")
+        if not await self._api_ready(vm):
+            raise Conflict(f"VM {vm.name}'s VMM ended or did not open its API socket")
+        try:
+            await VmmApi(str(sock), timeout=120).call("PUT", "/snapshot/load", {
+                "snapshot_path": str(mine / "state"),
+                "mem_backend": {"backend_path": str(mine / "mem"), "backend_type": "File"}, "resume_vm": True})
+        except VmmError as e:
+            self._signal(self.store.get(vm.id), signal.SIGKILL)
+            raise Conflict(str(e)) from None
+
+    # -- console --------------------------------------------------------------------------------
+    async def logs(self, vm: Vm, follow: bool, tail: int | None, timestamps: bool) -> AsyncIterator[str]:
+        """The console output kept for ``vm``; with ``follow``, then what it prints until it ends."""
+        path = self.vmdir(vm.id) / "console.log"
+        lines = logs.to_lines(logs.read_records(path))
+        if tail is not None:
+            lines = lines[-tail:] if tail > 0 else []
+        yield logs.render(lines, timestamps)
+        if not follow:
+            return
+        try:
+            f = open(path, "rb")    # noqa: SIM115
+        except FileNotFoundError:
+            f = None
+        if f is not None:
+            f.seek(0, os.SEEK_END)
+        pending = b""
+        while True:
+            ended = self.store.get(vm.id).state not in ("running", "paused")
+            if f is None:
+                with contextlib.suppress(FileNotFoundError):
+                    f = open(path, "rb")  # noqa: SIM115
+            if f is not None:
+                if os.path.exists(path) and os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:
+                    pending += f.read()            # rotated: finish the old file, then the new one
+                    f.close()
+                    f = open(path, "rb")  # noqa: SIM115
+                pending += f.read()
+                *done, pending = pending.split(b"\n")
+                if done:
+                    records = logs.parse(b"\n".join(done))
+                    text = logs.render(logs.to_lines(records), timestamps)
+                    if text:
+                        yield text
+            if ended:
+                break
+            await asyncio.sleep(0.1)
+        if f is not None:
+            f.close()
+
+    def console_socket(self, vm: Vm) -> Path:
+        if vm.state not in ("running", "paused"):
+            raise Conflict(f"VM {vm.name} is not running: start it first")
+        return self.vmdir(vm.id) / "console.sock"
+
+    # -- statistics -----------------------------------------------------------------------------
+    async def stats(self, vm: Vm) -> dict:
+        """Host-side use of the VMM process (CPU time, resident and unique memory) and, when the VMM has
+        an API, its exit statistics."""
+        vm = self.store.get(vm.id)
+        out = {"read": logs.rfc3339(time.time()), "id": vm.id, "name": "/" + vm.name, "pid": vm.vmm_pid or 0,
+               "cpu_stats": {}, "memory_stats": {}, "exits": None}
+        pid = vm.vmm_pid
+        if pid and vm.state in ("running", "paused"):
+            out["cpu_stats"] = _cpu(pid)
+            out["memory_stats"] = _memory(pid)
+            out["memory_stats"]["limit"] = vm.mem_bytes
+            if vm.api_sock:
+                with contextlib.suppress(VmmError):
+                    out["exits"] = await VmmApi(vm.api_sock, timeout=2).call("GET", "/pykvm/stats")
+        return out
+
+
+def _meminfo(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cpu(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return {}
+    fields = data[data.rindex(b")") + 2:].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {"user_ns": int(fields[11]) * 10**9 // ticks, "system_ns": int(fields[12]) * 10**9 // ticks,
+            "total_usage_ns": (int(fields[11]) + int(fields[12])) * 10**9 // ticks}
+
+
+def _memory(pid: int) -> dict:
+    """RSS and the unique set size (Private_* of /proc/PID/smaps_rollup), in bytes."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Swap"):
+                    out[key.lower()] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return out
+    out["usage"] = out.get("rss", 0)
+    out["uss"] = out.get("private_clean", 0) + out.get("private_dirty", 0)
+    return out
+
+
+def _parse_signal(name: str) -> int:
+    text = str(name).upper()
+    if text.isdigit():
+        num = int(text)
+    else:
+        try:
+            num = signal.Signals[text if text.startswith("SIG") else "SIG" + text].value
+        except KeyError:
+            raise BadRequest(f"invalid signal: {name}") from None
+    if num not in {s.value for s in signal.Signals}:
+        raise BadRequest(f"invalid signal: {name}")
+    return num
+
+
+def _image(spec: dict) -> str:
+    return spec.get("Kernel") or spec.get("ImageFile") or spec.get("Image") or "hello-long64"
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if s >= size * 2:
+            return f"{s // size} {unit}"
+    if s >= 60:
+        return "About a minute"
+    return f"{s} seconds" if s != 1 else "1 second"
+
+
+def _status_text(vm: Vm) -> str:
+    now = time.time()
+    if vm.state == "running":
+        return f"Up {_ago(now - (vm.started_at or now))}"
+    if vm.state == "paused":
+        return f"Up {_ago(now - (vm.started_at or now))} (Paused)"
+    if vm.state == "exited":
+        return f"Exited ({vm.exit_code}) {_ago(now - (vm.finished_at or now))} ago"
+    return vm.state.capitalize()
+
+
+def _vm_matches(vm: Vm, filters: dict) -> bool:
+    """Docker's list filters: id (prefix), name (substring), status, exited (exit code)."""
+    for key, values in filters.items():
+        if key == "id" and not any(vm.id.startswith(v) for v in values):
+            return False
+        if key == "name" and not any(v.lstrip("/") in vm.name for v in values):
+            return False
+        if key == "status" and vm.state not in values:
+            return False
+        if key == "exited" and not (vm.state == "exited" and str(vm.exit_code) in values):
+            return False
+    return True
+
+
+def _event_matches(ev: dict, filters: dict) -> bool:
+    for key, values in filters.items():
+        if key in ("vm", "container", "id") and not any(
+                ev["id"].startswith(v) or ev["Actor"]["Attributes"].get("name") == v for v in values):
+            return False
+        if key == "event" and ev["Action"] not in values:
+            return False
+        if key == "type" and "vm" not in values and "container" not in values:
+            return False
+    return True
+
+
+FILTER_KEYS = {"id", "name", "status", "exited"}
+EVENT_FILTER_KEYS = {"vm", "container", "id", "event", "type"}
+
+
+def parse_filters(text: str | None, allowed: set[str]) -> dict:
+    """Docker's ``filters`` query parameter: JSON ``{"key": ["v", ...]}`` (or ``{"key": {"v": true}}``)."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise BadRequest("filters must be JSON, e.g. {\"status\": [\"running\"]}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("filters must be a JSON object")
+    out = {}
+    for key, values in data.items():
+        if key not in allowed:
+            raise BadRequest(f"invalid filter '{key}' (known: {', '.join(sorted(allowed))})")
+        if isinstance(values, dict):
+            values = [k for k, v in values.items() if v]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise BadRequest(f"filter '{key}' must be a list of strings")
+        out[key] = values
+    return out
+

@@ -1,0 +1,195 @@
+"""``pykvm daemon``: bind the Unix socket, serve the API with uvicorn (issue 12, parts 1 and 6).
+
+The socket is created here, not by uvicorn (which would make it 0666): 0660 root:pykvm when the
+daemon runs as root (the group is created if missing), 0600 otherwise. Each connection's peer
+credentials (SO_PEERCRED) are read once when it is accepted and travel with every request in the ASGI
+scope's state. Limits against hostile clients: request headers must arrive within
+``HEADER_TIMEOUT`` seconds of connecting (a half-open or slow client is dropped), bodies are at most
+``MAX_BODY`` bytes and must arrive at one chunk per ``BODY_TIMEOUT`` seconds; h11 limits header size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import grp
+import json
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ..errors import PykvmError, UsageError
+from .access import peer_credentials
+from .backend import Backend
+from .routes import make_app
+
+log = logging.getLogger("pykvm.engine")
+
+MAX_BODY = 1 << 20          # bytes
+BODY_TIMEOUT = 10.0         # seconds between two chunks of one request body
+HEADER_TIMEOUT = 10.0       # seconds from connecting to a complete request head
+GROUP = "pykvm"
+
+
+class PeerCredProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus: the caller's credentials in ``scope["state"]["caller"]``, and a
+    deadline for the first request's head (uvicorn arms its keep-alive timer only after a response)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        try:
+            caller = peer_credentials(sock)
+        except (OSError, AttributeError):
+            transport.close()
+            return
+        self.app_state = dict(self.app_state, caller=caller)
+        self.timeout_keep_alive_task = self.loop.call_later(HEADER_TIMEOUT, self.timeout_keep_alive_handler)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _TooSlow(Exception):
+    pass
+
+
+class Limits:
+    """ASGI middleware: refuse bodies over ``MAX_BODY`` (413) and bodies that stall (408)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"].endswith("/attach")):
+            return await self.app(scope, receive, send)     # a console session: input for as long as it lasts
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    too_big = int(value) > MAX_BODY
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await _error(send, 413, f"request body over {MAX_BODY} bytes")
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise _TooSlow() from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _error(send, 413, f"request body over {MAX_BODY} bytes")
+        except _TooSlow:
+            if not started:
+                await _error(send, 408, f"the request body stalled for {BODY_TIMEOUT:.0f} s")
+
+
+async def _error(send, status: int, message: str) -> None:
+    body = json.dumps({"message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _group_id() -> int:
+    """The gid of the ``pykvm`` group, created (as a system group) if missing."""
+    try:
+        return grp.getgrnam(GROUP).gr_gid
+    except KeyError:
+        pass
+    try:
+        subprocess.run(["groupadd", "--system", GROUP], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise PykvmError(f"cannot create the {GROUP} group for the socket: {e}") from None
+    return grp.getgrnam(GROUP).gr_gid
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """A listening socket at ``path`` with the modes the module docstring states. UsageError if another
+    daemon answers there; a stale socket file left by a killed daemon is replaced."""
+    root = os.geteuid() == 0
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if root else 0o700)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            raise UsageError(f"another daemon already listens on {path}")
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise UsageError(f"{path} exists and no daemon answers there ({e.strerror}); remove it") from None
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot bind {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    if root:
+        os.chown(path, 0, _group_id())
+        os.chmod(path, 0o660)
+    else:
+        os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
+
+
+async def serve(socket_path: Path, state_dir: Path, memory_budget: int | None) -> None:
+    """Run the daemon until SIGINT/SIGTERM; the VMs keep running after it."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+    lock = open(state_dir / "daemon.lock", "w")   # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UsageError(f"another pykvm daemon uses the state directory {state_dir}") from None
+    backend = Backend(state_dir, memory_budget)
+    sock = None
+    try:
+        await backend.adopt()
+        sock = bind_socket(socket_path)
+        config = uvicorn.Config(Limits(make_app(backend)), http=PeerCredProtocol, ws="websockets-sansio",
+                                log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=2,
+                                h11_max_incomplete_event_size=16384, lifespan="off")
+        server = uvicorn.Server(config)
+        log.info("pykvm daemon on %s, state in %s, memory budget %d MiB", socket_path, state_dir,
+                 (backend.memory_budget or 0) >> 20)
+        await server.serve(sockets=[sock])
+    finally:
+        backend.close()
+        if sock is not None:
+            sock.close()
+            with contextlib.suppress(OSError):
+                socket_path.unlink()
+        lock.close()

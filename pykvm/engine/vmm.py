@@ -1,0 +1,108 @@
+"""Starting one VMM and talking to its per-VM API (issue 12, part 3).
+
+``vmm_argv`` turns a VM's spec into the VMM's command line; ``launch_shim`` is the one place a VMM
+process is started (through its shim), and therefore the seam for isolation: when the daemon runs
+as root and pykvm's jailer (issue 13, ``pykvm.jail``) is installed, the VMM's argv is wrapped by it
+there; until then, VMMs run unjailed and the daemon says so once in its log.
+``VmmApi`` speaks Firecracker's API (PUT /actions, PATCH /vm, PUT /snapshot/create ...) to the
+VMM's own socket when the VMM has one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("pykvm.engine")
+logging.getLogger("httpx").setLevel(logging.WARNING)     # not one line per call to a VMM
+
+
+def has_vmm_api() -> bool:
+    """Whether this pykvm has the per-VM API (``pykvm run --api-sock``, issue 11)."""
+    return importlib.util.find_spec("pykvm.api") is not None
+
+
+def has_jail() -> bool:
+    return importlib.util.find_spec("pykvm.jail") is not None
+
+
+def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None) -> list[str]:
+    """``python -m pykvm run ...`` for ``spec``; ``fd_paths`` maps "kernel", "initrd", "drive0"... to the
+    ``/proc/self/fd/N`` names of descriptors opened with the owner's permissions."""
+    if spec.get("FromSnapshot"):     # an empty VMM that PUT /snapshot/load fills (see Backend.start)
+        return [sys.executable, "-m", "pykvm", "vmm", "--api-sock", str(api_sock)]
+    argv = [sys.executable, "-m", "pykvm", "run", "-q", "-m", f"{int(spec['MemoryMiB'])}M",
+            "-c", str(int(spec["Vcpus"]))]
+    if spec.get("Kernel"):
+        argv += ["-k", fd_paths["kernel"]]
+        if spec.get("Initrd"):
+            argv += ["-i", fd_paths["initrd"]]
+        if spec.get("Cmdline"):
+            argv += ["-p", spec["Cmdline"]]
+    elif spec.get("ImageFile"):
+        argv.append(fd_paths["image"])
+    else:
+        argv.append(spec.get("Image") or "hello-long64")
+    for n, drive in enumerate(spec.get("Drives") or []):
+        argv += ["--drive", fd_paths[f"drive{n}"] + (",readonly" if drive.get("ReadOnly") else "")]
+    if spec.get("Rng"):
+        argv.append("--rng")
+    if spec.get("Console", "uart") != "uart":
+        argv += ["--console", spec["Console"]]
+    if api_sock is not None:
+        argv += ["--api-sock", str(api_sock)]
+    return argv
+
+
+_warned_unjailed = False
+
+
+def launch_shim(vmdir: Path, argv: list[str], pass_fds: list[int]) -> subprocess.Popen:
+    """Start the shim that starts the VMM (see :mod:`pykvm.engine.shim`), in a new session so neither
+    outlives nor dies with the daemon by accident. The jailer seam: see the module docstring."""
+    global _warned_unjailed
+    if os.geteuid() == 0 and not _warned_unjailed:
+        _warned_unjailed = True
+        log.warning("VMMs run without the jailer (pykvm.jail %s)",
+                    "is present but not wired yet" if has_jail() else "is not installed")
+    import json
+    (vmdir / "shim.json").write_text(json.dumps({"argv": argv, "pass_fds": pass_fds}))
+    for name in ("exit.json", "vmm.pid"):
+        (vmdir / name).unlink(missing_ok=True)
+    with open(vmdir / "shim.log", "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "pykvm.engine.shim", str(vmdir)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, pass_fds=pass_fds, start_new_session=True, close_fds=True,
+                                cwd="/")
+
+
+class VmmError(Exception):
+    """The VMM's API refused a request or could not be reached."""
+
+
+class VmmApi:
+    """An async client of one VMM's Firecracker-style API socket."""
+
+    def __init__(self, sock: str, timeout: float = 10.0) -> None:
+        self.client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock), base_url="http://localhost",
+                                        timeout=timeout)
+
+    async def call(self, method: str, path: str, body: dict | None = None):
+        try:
+            r = await self.client.request(method, path, json=body)
+        except httpx.HTTPError as e:
+            raise VmmError(f"the VMM's API socket did not answer: {e}") from None
+        finally:
+            await self.client.aclose()
+        if r.status_code >= 400:
+            try:
+                message = r.json().get("fault_message", r.text)
+            except ValueError:
+                message = r.text
+            raise VmmError(f"the VMM refused {method} {path}: {message}")
+        return r.json() if r.content else None

@@ -1,0 +1,73 @@
+"""The engine's parts without a daemon: the store's id/name rules, rotated console logs, filters."""
+
+from __future__ import annotations
+
+import pytest
+
+from pykvm.engine import logs
+from pykvm.engine.backend import parse_filters
+from pykvm.engine.store import BadRequest, Conflict, NotFound, Store, Vm, check_name, new_id
+
+
+def _vm(store: Store, name: str, vm_id: str | None = None) -> Vm:
+    vm = Vm(id=vm_id or new_id(), name=name, spec={"Image": "hello-long64"}, state="created", created=0.0,
+            owner_uid=0, owner_gid=0)
+    store.insert(vm)
+    return vm
+
+
+def test_lookup_by_id_name_and_unique_prefix(tmp_path):
+    store = Store(tmp_path / "db")
+    a = _vm(store, "alpha", "ab" + "0" * 62)
+    b = _vm(store, "beta", "ac" + "1" * 62)
+    assert store.lookup(a.id).name == "alpha"
+    assert store.lookup("beta").id == b.id and store.lookup("/beta").id == b.id
+    assert store.lookup("ab").id == a.id
+    with pytest.raises(Conflict, match="more than one"):
+        store.lookup("a")
+    with pytest.raises(NotFound):
+        store.lookup("ff")
+    with pytest.raises(Conflict, match="already in use"):
+        _vm(store, "alpha")
+    store.close()
+    again = Store(tmp_path / "db")
+    assert sorted(v.name for v in again.all()) == ["alpha", "beta"]
+    again.close()
+
+
+def test_names_cannot_be_paths():
+    assert check_name("web-1.a_b") == "web-1.a_b"
+    for bad in ("../x", "a/b", "..", ".x", "", "x" * 200, "a\0b", "é"):
+        with pytest.raises(BadRequest):
+            check_name(bad)
+
+
+def test_logs_rotate_within_their_cap_and_keep_the_newest(tmp_path):
+    path = tmp_path / "console.log"
+    writer = logs.LogWriter(path, max_size=4096, max_files=3)
+    for n in range(2000):
+        writer.write(f"line {n}\n".encode(), when=1000.0 + n)
+    writer.close()
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["console.log", "console.log.1", "console.log.2"]
+    assert all(f.stat().st_size <= 4096 for f in files)
+    lines = logs.to_lines(logs.read_records(path))
+    assert lines[-1][1] == "line 1999\n"
+    numbers = [int(text.split()[1]) for _, text in lines]
+    assert numbers == list(range(numbers[0], 2000))        # contiguous: nothing lost between files
+    tail = logs.render(lines[-2:], timestamps=True).splitlines()
+    assert tail == ["1970-01-01T00:49:58.000000Z line 1998", "1970-01-01T00:49:59.000000Z line 1999"]
+
+
+def test_lines_split_across_chunks_keep_the_time_they_began(tmp_path):
+    records = [(1.0, "hel"), (2.0, "lo\nwor"), (3.0, "ld\n"), (4.0, "partial")]
+    assert logs.to_lines(records) == [(1.0, "hello\n"), (2.0, "world\n"), (4.0, "partial")]
+    assert logs.parse(b'{"t": 1, "d": "a"}\n{"t": 2, "d"') == [(1.0, "a")]     # a torn last record
+
+
+def test_filters():
+    assert parse_filters('{"status": ["running"]}', {"status"}) == {"status": ["running"]}
+    assert parse_filters('{"status": {"exited": true}}', {"status"}) == {"status": ["exited"]}
+    for bad in ("{", "[]", '{"nope": ["x"]}', '{"status": "running"}'):
+        with pytest.raises(BadRequest):
+            parse_filters(bad, {"status"})
