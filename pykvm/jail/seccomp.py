@@ -34,19 +34,23 @@ import os
 
 from .config import JailError
 
-# System calls a jailed pykvm VMM makes after the filter is loaded (x86-64): the 25 seen by
+# System calls a jailed pykvm VMM makes after the filter is loaded (x86-64): the 26 seen by
 # tracing (README, "The jail": every bundled guest, --trace/--stats, a crash report, the console on
 # a pty, the small Linux with virtio disks, rng and console, and with the UART console), plus 3
 # from reading the code: fdatasync (virtio-blk without VIRTIO_BLK_F_FLUSH is write-through), brk
-# and mremap (glibc's malloc growing the heap or a large block). ioctl, clone and exit_group are
+# and mremap (glibc's malloc growing the heap or a large block), readv and writev (virtio-net's
+# receive and transmit on the TAP). rt_sigtimedwait: a vCPU thread consumes its pending kick
+# (SIGUSR1, blocked outside KVM_RUN) with it. ioctl, clone and exit_group are
 # allowed with conditions on their arguments (see build).
 ALLOWED = (
     # the exit loop, devices and the console: I/O on descriptors opened before the jail
-    "read", "write", "preadv2", "pwritev2", "fsync", "fdatasync", "close", "newfstatat", "poll", "pselect6",
+    "read", "write", "readv", "writev", "preadv2", "pwritev2", "fsync", "fdatasync", "close", "newfstatat",
+    "poll", "pselect6",
     # the interpreter: memory, threads, locks, time, signals, randomness (virtio-rng: os.urandom)
     "mmap", "munmap", "mprotect", "madvise", "mremap", "brk",
     "futex", "set_robust_list", "rseq", "clock_nanosleep",
-    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "tgkill", "getpid", "gettid", "getrandom", "exit",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigtimedwait", "tgkill", "getpid", "gettid",
+    "getrandom", "exit",
 )
 # KVM requests pykvm issues only while building the VM, before the jail: refused afterwards, so a
 # compromised VMM cannot make new VMs or vCPUs, or remap guest memory.
