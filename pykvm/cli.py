@@ -3,7 +3,7 @@
 Errors become one paragraph on stderr and an exit status, never a traceback:
 2 = bad usage or a bad image, 4 = the guest crashed or the VMM failed, 74 = the guest's output
 could not be written, 124 = timeout, 128 + n = ended by signal n (130 Ctrl-C, 129 SIGHUP, 143
-SIGTERM); a guest's debug-exit value v gives (v << 1) | 1.
+SIGTERM); a guest's debug-exit value v gives ((v << 1) | 1) & 0xff.
 
 Options that take free text (a command line, a file name, a drive spec) take the next word
 whatever it starts with: ``--append '-pause -verbose'`` and ``-p -x`` work as with

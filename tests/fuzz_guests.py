@@ -45,9 +45,9 @@ FUZZ_RAM = (0x100000, 0x140000)     # RAM the virtio programs point their queues
 
 
 def documented(status: int) -> bool:
-    """A status `pykvm run` documents: 0, odd ((v << 1) | 1 for a debug-exit write of v; a 16- or
-    32-bit write makes it larger than a process status can be, see the report), 2, 4, 124."""
-    return status in (0, 2, 4, 124) or status & 1 == 1
+    """A status `pykvm run` documents: 0, 2, 4, 124, or a debug-exit status: odd and within the 8 bits
+    a process status has (((v << 1) | 1) & 0xff, whatever the write's width)."""
+    return status in (0, 2, 4, 124) or (status & 1 == 1 and 0 < status <= 0xFF)
 
 
 # --- encodings ---------------------------------------------------------------------------------
