@@ -267,10 +267,26 @@ class HostOutput:
                 callback()
 
 
+class _StdoutDrops:
+    """What :func:`stdout_write` could not write: bytes dropped, and the first error's sentence."""
+
+    dropped = 0
+    error: str | None = None
+
+
+stdout_drops = _StdoutDrops()
+
+
 def stdout_write(data: bytes) -> None:
-    """Guest output to the host's stdout, unbuffered; a closed pipe is not an error of the guest's."""
+    """Guest output to the host's stdout, unbuffered, on the calling thread (Machine's default when
+    used as a library; ``pykvm run`` uses :class:`HostOutput`). Output that cannot be written (a
+    closed pipe, ENOSPC, EIO, a closed or missing sys.stdout) is not an error of the guest's: it is
+    dropped and counted in ``stdout_drops.dropped``, the first error's sentence kept in
+    ``stdout_drops.error``."""
     try:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    except (BrokenPipeError, ValueError):
-        pass
+    except (OSError, ValueError, AttributeError) as e:
+        if stdout_drops.error is None:
+            stdout_drops.error = f"cannot write the guest's output to stdout: {getattr(e, 'strerror', None) or e}"
+        stdout_drops.dropped += len(data)

@@ -195,3 +195,18 @@ def test_a_driver_that_ignores_thre_loses_bytes_only_past_the_limit():
     assert output.written + output.dropped == 64 * 1024
     os.close(r)
     os.close(w)
+
+
+def test_stdout_write_to_a_full_disk_drops_and_counts(tmp_path):
+    """Machine's default output (a library user's stdout) on ENOSPC: no exception, the bytes counted."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom pykvm.console import stdout_write, stdout_drops\n"
+            "stdout_write(b'x' * 100000)\nstdout_write(b'y' * 10)\n"
+            "print(stdout_drops.dropped, stdout_drops.error, file=sys.stderr, flush=True)\n")
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, timeout=60)
+    err = r.stderr.decode()
+    first = err.splitlines()[0]
+    assert "Traceback" not in first, err
+    assert first.split()[0] == "100010" and "No space left on device" in first, err
