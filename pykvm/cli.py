@@ -5,7 +5,7 @@ Errors become one paragraph on stderr and an exit status, never a traceback:
 could not be written, 124 = timeout, 128 + n = ended by signal n (130 Ctrl-C, 129 SIGHUP, 143
 SIGTERM); a guest's debug-exit value v gives ((v << 1) | 1) & 0xff.
 
-Options that take free text (a command line, a file name, a drive spec) take the next word
+Options that take free text (a command line, a file name, a drive or --net spec) take the next word
 whatever it starts with: ``--append '-pause -verbose'`` and ``-p -x`` work as with
 ``qemu -append`` and kvmtool's ``-p`` (:func:`bind_free_text`).
 """
@@ -62,6 +62,9 @@ FREE_TEXT_OPTIONS = {
     "-i": "--initrd", "--initrd": "--initrd",
     "--module": "--module",
     "--drive": "--drive",
+    "--net": "--net",
+    "--api-sock": "--api-sock", "--config-file": "--config-file",
+    "--restore": "--restore", "--mem-file": "--mem-file",
     "--stats-json": "--stats-json",
     "--trace-filter": "--trace-filter",
 }
