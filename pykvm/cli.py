@@ -473,6 +473,7 @@ def _quota(text: str) -> float:
 
 
 def cmd_jail(args) -> int:
+    """``pykvm jail [options] -- run ...``: run the VMM in a jail; returns its status (2 for bad usage)."""
     vmm = args.vmm[1:] if args.vmm[:1] == ["--"] else args.vmm
     if vmm[:1] != ["run"]:
         raise UsageError("give the VMM's arguments after the jail's: `pykvm jail [options] -- run [run options]`")

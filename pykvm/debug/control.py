@@ -220,6 +220,7 @@ class DebugControl:
 
     # --- called by the machine ----------------------------------------------------------------
     def machine_ended(self, result) -> None:
+        """Record how the run ended and wake the debugger's waits (any thread)."""
         with self._cond:
             self.ended = result
             self._cond.notify_all()
@@ -250,6 +251,7 @@ class DebugControl:
         self.machine.kick_all()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until every vCPU is parked or the run ended; False on ``timeout`` (seconds)."""
         with self._cond:
             return self._cond.wait_for(
                 lambda: self.ended is not None or (not self._go and len(self._parked) == len(self.vcpus)),
@@ -271,12 +273,14 @@ class DebugControl:
         self.resume({v.id: "c" for v in self.vcpus})
 
     def kill(self) -> None:
+        """gdb's ``k``: drop every breakpoint and end the run (STATUS_INTERRUPTED)."""
         self.clear_breakpoints()
         from ..errors import STATUS_INTERRUPTED
         self.machine.end(STATUS_INTERRUPTED, "killed from gdb")
 
     # --- breakpoints and memory (debugger's thread, vCPUs stopped) ----------------------------
     def paging(self, vcpu) -> tuple[int, int, int, int]:
+        """``vcpu``'s (CR0, CR3, CR4, EFER): what a guest-virtual address walk needs."""
         sregs = vcpu.get_sregs()
         return sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
 
@@ -289,15 +293,18 @@ class DebugControl:
         self.sw.write(self.paging(vcpu), addr, data)
 
     def insert_sw(self, vcpu, addr: int) -> None:
+        """Plant an int3 at guest-virtual ``addr`` (keyed by its physical byte); DebugError if unmapped."""
         try:
             self.sw.insert(vcpu, self.paging(vcpu), addr)
         except (GuestMemoryError, PageFault) as e:
             raise DebugError(str(e)) from None
 
     def remove_sw(self, addr: int) -> None:
+        """Remove the software breakpoint at guest-virtual ``addr``, restoring the byte."""
         self.sw.remove(addr)
 
     def insert_hw(self, addr: int, kind: int = HW_EXEC, length: int = 1) -> None:
+        """A hardware breakpoint or watchpoint in a free DR0-3 (SDM vol. 3 §17.2); DebugError if none."""
         if kind != HW_EXEC and length not in _LEN_BITS:
             raise DebugError(f"a watchpoint covers 1, 2, 4 or 8 bytes, not {length}")
         if kind != HW_EXEC and addr % length:
@@ -312,12 +319,14 @@ class DebugControl:
         raise DebugError("all four debug registers are in use")
 
     def remove_hw(self, addr: int, kind: int = HW_EXEC, length: int = 1) -> None:
+        """Free the debug register holding the breakpoint at ``addr`` of ``kind``, if any."""
         for slot, bp in enumerate(self.hw):
             if bp is not None and bp.addr == addr and bp.kind == kind:
                 self.hw[slot] = None
                 return
 
     def clear_breakpoints(self) -> None:
+        """Remove every software and hardware breakpoint (guest memory restored)."""
         self.sw.clear()
         self.hw = [None] * NSLOTS
 

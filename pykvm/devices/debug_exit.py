@@ -31,9 +31,11 @@ class DebugExit:
         self._on_exit = on_exit   # called with (value, status)
 
     def read(self, offset: int, size: int) -> int:
+        """All ones of ``size`` bytes: the port reads as an empty ISA port."""
         return all_ones(size)
 
     def write(self, offset: int, size: int, value: int) -> None:
+        """End the run with :func:`status_for` of ``value`` (any width)."""
         self._on_exit(value, status_for(value))
 
     def state(self) -> dict:
