@@ -65,7 +65,7 @@ FREE_TEXT_OPTIONS = {
     "--net": "--net",
     "--api-sock": "--api-sock", "--config-file": "--config-file",
     "--restore": "--restore", "--mem-file": "--mem-file",
-    "--stats-json": "--stats-json",
+    "--stats-json": "--stats-json", "--plot": "--plot",
     "--trace-filter": "--trace-filter",
 }
 
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=5, help="runs per kind and side; medians are used (default 5)")
     bench.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     bench.add_argument("--require-c", action="store_true", help="status 2 when gcc cannot build the C baseline")
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="also draw each kind's latency distribution to this PNG (needs pykvm[plot]: matplotlib)")
     fetch = sub.add_parser("fetch", help="download a guest: `pykvm fetch linux` gets Debian's kernel (cached)")
     fetch.add_argument("what", choices=["linux"])
     from .client import add_parsers  # the daemon and its docker-style client verbs
