@@ -2,7 +2,7 @@
 access programs, encoded by hand (no assembler needed), and a harness that runs them in-process
 through :class:`pykvm.machine.Machine` and checks that every run ends the documented way.
 
-Documented ends (README, "Exit status of pykvm run"): 0, an odd debug-exit status, 2, 4, 124.
+Documented ends (README, "Exit status of pykvm run"): 0, an odd debug-exit status (1..255), 2, 4, 124.
 A run whose reason says "internal error in pykvm" is a pykvm bug (a Python exception in the
 exit loop) and never acceptable, whatever its status.
 """
