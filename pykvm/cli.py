@@ -3,9 +3,9 @@
 Errors become one paragraph on stderr and an exit status, never a traceback:
 2 = bad usage or a bad image, 4 = the guest crashed or the VMM failed, 74 = the guest's output
 could not be written, 124 = timeout, 128 + n = ended by signal n (130 Ctrl-C, 129 SIGHUP, 143
-SIGTERM); a guest's debug-exit value v gives (v << 1) | 1.
+SIGTERM); a guest's debug-exit value v gives ((v << 1) | 1) & 0xff.
 
-Options that take free text (a command line, a file name, a drive spec) take the next word
+Options that take free text (a command line, a file name, a drive or --net spec) take the next word
 whatever it starts with: ``--append '-pause -verbose'`` and ``-p -x`` work as with
 ``qemu -append`` and kvmtool's ``-p`` (:func:`bind_free_text`).
 """
@@ -62,7 +62,10 @@ FREE_TEXT_OPTIONS = {
     "-i": "--initrd", "--initrd": "--initrd",
     "--module": "--module",
     "--drive": "--drive",
-    "--stats-json": "--stats-json",
+    "--net": "--net",
+    "--api-sock": "--api-sock", "--config-file": "--config-file",
+    "--restore": "--restore", "--mem-file": "--mem-file",
+    "--stats-json": "--stats-json", "--plot": "--plot",
     "--trace-filter": "--trace-filter",
 }
 
@@ -175,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=5, help="runs per kind and side; medians are used (default 5)")
     bench.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     bench.add_argument("--require-c", action="store_true", help="status 2 when gcc cannot build the C baseline")
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="also draw each kind's latency distribution to this PNG (needs pykvm[plot]: matplotlib)")
     fetch = sub.add_parser("fetch", help="download a guest: `pykvm fetch linux` gets Debian's kernel (cached)")
     fetch.add_argument("what", choices=["linux"])
     from .client import add_parsers  # the daemon and its docker-style client verbs
@@ -266,40 +271,62 @@ def cmd_run(args) -> int:
 def _boot(args, plan, firmware, inside, debug_options, before_run=None) -> int:
     """Create the Machine, load the plan, run it; ``before_run`` (entering a jail) is called once
     everything is open and before the guest's first instruction."""
-    from .machine import Machine, RunResult  # imports KVM bits only when a VM is really wanted
-    if sys.stdout is not None:
-        with contextlib.suppress(OSError, ValueError):
-            sys.stdout.flush()
-    # The guest's output goes to fd 1 through a writer thread: never a blocking write on a vCPU.
-    with HostOutput(1) as output:
+    from .machine import Machine  # imports KVM bits only when a VM is really wanted
+    with _host_output() as output:
         with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware,
                      serial_out=output.write) as machine:
-            output.on_error = lambda reason: machine.end(STATUS_OUTPUT, reason)
             serial = _api_serial(args, output.write)     # --api-sock: also kept for GET /pykvm/console
-            machine.uart.set_output(serial or output.write, output.room)
-            output.add_listener(machine.uart.host_ready)
             from .devices.virtio import attach_virtio
             virtio = attach_virtio(machine, *_virtio_devices(args), console_out=output.write,
                                    nets=_nets(args))
-            if virtio.console is not None:
-                virtio.console.set_output(output.write, output.room)
-                output.add_listener(virtio.console.host_ready)
             machine.load(plan)
             seeing = inside.attach(machine, debug_options)
             if before_run is not None:
                 before_run()
             on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
             console = virtio.console or machine.uart
-            try:
-                # Signals first: from the moment the terminal is raw, SIGTERM/SIGHUP restore it.
-                with _signals_end(machine), \
-                        HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver), \
-                        _api_while_running(args, machine, serial):
-                    result = machine.run(timeout=args.timeout)
-            finally:
-                output.remove_listeners()    # before the devices they poke are closed
+            # Signals first: from the moment the terminal is raw, SIGTERM/SIGHUP restore it.
+            with _output_wired(output, machine, serial or output.write, virtio.console), \
+                    _signals_end(machine), \
+                    HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver), \
+                    _api_while_running(args, machine, serial):
+                result = machine.run(timeout=args.timeout)
             seeing.finish()
-        output.close()
+    return _run_ended(args, output, result)
+
+
+@contextlib.contextmanager
+def _host_output():
+    """The guest's output to fd 1 through a :class:`HostOutput` writer thread (never a blocking write
+    on a vCPU thread); on leaving, what is buffered is written out (see :meth:`HostOutput.close`).
+    ``pykvm run`` and ``pykvm vmm`` (config file, restore, API) both go through here."""
+    if sys.stdout is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+    with HostOutput(1) as output:
+        yield output
+
+
+@contextlib.contextmanager
+def _output_wired(output: HostOutput, machine, serial_out, virtio_console=None):
+    """While the guest runs: an output error ends it (status 74), and the UART (and the virtio
+    console, if any) send to ``serial_out``/``output`` and wait while ``output`` has no room."""
+    output.on_error = lambda reason: machine.end(STATUS_OUTPUT, reason)
+    machine.uart.set_output(serial_out, output.room)
+    output.add_listener(machine.uart.host_ready)
+    if virtio_console is not None:
+        virtio_console.set_output(output.write, output.room)
+        output.add_listener(virtio_console.host_ready)
+    try:
+        yield
+    finally:
+        output.remove_listeners()    # before the devices they poke are closed
+
+
+def _run_ended(args, output: HostOutput, result) -> int:
+    """Say how the run ended (after ``output`` is closed) and return its status: 74 if the last
+    output failed after a guest that ended with 0."""
+    from .machine import RunResult
     if output.error is not None and result.status == 0:
         # The last output failed after the guest had ended: still not a success.
         result = RunResult(STATUS_OUTPUT, output.error)
@@ -448,6 +475,7 @@ def _quota(text: str) -> float:
 
 
 def cmd_jail(args) -> int:
+    """``pykvm jail [options] -- run ...``: run the VMM in a jail; returns its status (2 for bad usage)."""
     vmm = args.vmm[1:] if args.vmm[:1] == ["--"] else args.vmm
     if vmm[:1] != ["run"]:
         raise UsageError("give the VMM's arguments after the jail's: `pykvm jail [options] -- run [run options]`")
@@ -598,7 +626,8 @@ def _add_api_options(run, sub) -> None:
 
 
 def _terminate_like_ctrl_c() -> None:
-    """SIGTERM ends a VMM as Ctrl-C does (status 130): the run ends, the API socket file is removed."""
+    """Until its machine runs, SIGTERM ends a VMM as Ctrl-C does (status 130), the API socket file removed;
+    while it runs, :func:`_signals_end` gives 143 as for `pykvm run`."""
     import signal
 
     def _terminate(signum, frame):
@@ -662,14 +691,12 @@ def _config_actions(path: str) -> list:
 
 def _serve_vmm(args, actions: list) -> int:
     """Run a Vmm: apply ``actions`` (a config file, a snapshot load), serve the API if asked, run the machine on
-    this (the main) thread until the guest ends."""
-    import contextlib
-
+    this (the main) thread until the guest ends. Output, signals and statuses as for ``pykvm run``
+    (:func:`_host_output`, :func:`_output_wired`, :func:`_signals_end`)."""
     from .api import controller as c
     from .api.server import ApiServer
-    from .console import stdout_write
 
-    _terminate_like_ctrl_c()
+    _terminate_like_ctrl_c()     # until the machine runs; then _signals_end
     # Import what InstanceStart and a snapshot load need before the socket exists (as a compiled VMM has it
     # loaded): a restore then costs the restore, not ~0.1 s of first imports.
     from . import machine
@@ -677,31 +704,29 @@ def _serve_vmm(args, actions: list) -> int:
     from .devices import virtio  # noqa: F401
     from .snapshot import machine_state
     machine_state.warm_up(machine.Machine)
-    vmm = c.Vmm(args.id, serial_out=stdout_write)
-    try:
-        with ApiServer(vmm, args.api_sock) if args.api_sock else contextlib.nullcontext():
-            for action in actions:
+    with _host_output() as output:
+        vmm = c.Vmm(args.id, serial_out=output.write)
+        try:
+            with ApiServer(vmm, args.api_sock) if args.api_sock else contextlib.nullcontext():
+                for action in actions:
+                    try:
+                        vmm.submit(action)
+                    except c.ApiError as e:
+                        raise UsageError(e.message) from None
                 try:
-                    vmm.submit(action)
-                except c.ApiError as e:
-                    raise UsageError(e.message) from None
-            try:
-                while not vmm.wait_until_ready(0.5):
-                    pass
-            except KeyboardInterrupt:
-                return 130
-            on_quit = lambda: vmm.machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
-            with HostConsole(vmm.machine.uart, on_quit=on_quit):    # stdin to the serial port, as Firecracker's
-                result = vmm.run_machine(timeout=getattr(args, "timeout", None))
-    finally:
-        vmm.shutdown()
-        if vmm.machine is not None:
-            vmm.machine.close()
-    if result.report or not args.quiet:
-        _say(f"{result.reason} (exit status {result.status})")
-    if result.report:
-        print(result.report, file=sys.stderr)
-    return result.status
+                    while not vmm.wait_until_ready(0.5):
+                        pass
+                except KeyboardInterrupt:
+                    return 130
+                on_quit = lambda: vmm.machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
+                with _output_wired(output, vmm.machine, vmm.serial), _signals_end(vmm.machine), \
+                        HostConsole(vmm.machine.uart, on_quit=on_quit):  # stdin to the serial port, as Firecracker's
+                    result = vmm.run_machine(timeout=getattr(args, "timeout", None))
+        finally:
+            vmm.shutdown()
+            if vmm.machine is not None:
+                vmm.machine.close()
+    return _run_ended(args, output, result)
 
 
 def cmd_vmm(args) -> int:

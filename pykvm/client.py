@@ -40,9 +40,11 @@ class Client:
                                  timeout=timeout)
 
     def close(self) -> None:
+        """Close the connection to the daemon's socket."""
         self.http.close()
 
     def request(self, method: str, path: str, **kw):
+        """One HTTP request to the daemon; UsageError if it cannot be reached, DaemonError on an error answer."""
         import httpx
         try:
             r = self.http.request(method, path, **kw)
@@ -58,6 +60,7 @@ class Client:
         return r
 
     def json(self, method: str, path: str, **kw):
+        """The decoded JSON body of a request (None for an empty body); errors as :meth:`request`."""
         r = self.request(method, path, **kw)
         return r.json() if r.content else None
 
@@ -217,6 +220,7 @@ def main(args) -> int:
 
 
 def cmd_daemon(args) -> int:
+    """``pykvm daemon``: serve the engine API on its Unix socket until SIGTERM/SIGINT; returns 0."""
     import asyncio
     import logging
 
@@ -243,6 +247,7 @@ def _filters(items: list[str]) -> str | None:
 
 
 def cmd_ps(client: Client, args) -> int:
+    """``pykvm ps``: list the VMs (running ones, or all with -a), as a table or JSON."""
     params = {"all": "1" if args.all else "0"}
     if f := _filters(args.filter):
         params["filters"] = f
@@ -285,6 +290,7 @@ def _table(rows) -> None:
 
 
 def cmd_create(client: Client, args) -> int:
+    """``pykvm create``: create a VM (from options or --from-snapshot VM:SNAPSHOT) and print its id."""
     params = {"name": args.name} if args.name else {}
     if args.from_snapshot:
         vm, sep, snap = args.from_snapshot.rpartition(":")
@@ -298,6 +304,7 @@ def cmd_create(client: Client, args) -> int:
 
 
 def cmd_snapshot(client: Client, args) -> int:
+    """``pykvm snapshot VM``: save the VM's snapshot and print its path."""
     print(client.json("POST", f"/vms/{_r(args.vms)}/snapshot", params={"name": args.name})["Path"])
     return 0
 
@@ -334,6 +341,7 @@ def _each(client: Client, args, method: str, path: str, **params) -> int:
 
 
 def cmd_start(client: Client, args) -> int:
+    """``pykvm start VM...``: start each VM; with -a, attach to the one VM and return its exit status."""
     if args.attach:
         if len(args.vms) != 1:
             raise UsageError("start -a attaches to one VM")
@@ -343,30 +351,37 @@ def cmd_start(client: Client, args) -> int:
 
 
 def cmd_stop(client: Client, args) -> int:
+    """``pykvm stop VM...``: ask each VM to stop; the daemon kills it after -t seconds (default 10)."""
     return _each(client, args, "POST", "/vms/{}/stop", t=str(args.time))
 
 
 def cmd_restart(client: Client, args) -> int:
+    """``pykvm restart VM...``: stop (killing after -t seconds) then start each VM."""
     return _each(client, args, "POST", "/vms/{}/restart", t=str(args.time))
 
 
 def cmd_kill(client: Client, args) -> int:
+    """``pykvm kill VM...``: send each VM's VMM the signal given with -s."""
     return _each(client, args, "POST", "/vms/{}/kill", signal=args.signal)
 
 
 def cmd_rm(client: Client, args) -> int:
+    """``pykvm rm VM...``: remove each VM (-f: stop a running one first)."""
     return _each(client, args, "DELETE", "/vms/{}", force="1" if args.force else "0")
 
 
 def cmd_pause(client: Client, args) -> int:
+    """``pykvm pause VM...``: pause each VM's vCPUs."""
     return _each(client, args, "POST", "/vms/{}/pause")
 
 
 def cmd_unpause(client: Client, args) -> int:
+    """``pykvm unpause VM...``: resume each paused VM."""
     return _each(client, args, "POST", "/vms/{}/unpause")
 
 
 def cmd_wait(client: Client, args) -> int:
+    """``pykvm wait VM...``: block until each VM ends and print its exit status."""
     import httpx
     client.http.timeout = httpx.Timeout(None, connect=10)
     for ref in args.vms:
@@ -375,6 +390,7 @@ def cmd_wait(client: Client, args) -> int:
 
 
 def cmd_inspect(client: Client, args) -> int:
+    """``pykvm inspect VM...``: print each VM's record as JSON; status 1 if one is unknown."""
     out, status = [], 0
     for ref in args.vms:
         try:
@@ -387,6 +403,7 @@ def cmd_inspect(client: Client, args) -> int:
 
 
 def cmd_logs(client: Client, args) -> int:
+    """``pykvm logs VM``: print the VM's console log (-f follows it, --tail N, -t timestamps)."""
     params = {"follow": "1" if args.follow else "0", "tail": args.tail,
               "timestamps": "1" if args.timestamps else "0"}
     for chunk in client.stream("GET", f"/vms/{_r(args.vms)}/logs", params=params):
@@ -396,6 +413,7 @@ def cmd_logs(client: Client, args) -> int:
 
 
 def cmd_events(client: Client, args) -> int:
+    """``pykvm events``: print the daemon's VM events (--since/--until, filters) as they come."""
     params = {}
     for key in ("since", "until"):
         value = getattr(args, key)
@@ -427,6 +445,7 @@ def _when(text: str) -> str:
 
 
 def cmd_stats(client: Client, args) -> int:
+    """``pykvm stats [VM...]``: a live table of CPU %, memory and exits per VM (--no-stream: once)."""
     refs = args.vms or [vm["Id"] for vm in client.json("GET", "/vms/json")]
     prev: dict[str, tuple[float, int]] = {}
     while True:
@@ -490,6 +509,7 @@ def cmd_top(client: Client, args) -> int:
 
 
 def cmd_attach(client: Client, args) -> int:
+    """``pykvm attach VM``: bridge this terminal to the VM's console until Ctrl-A x or the VM ends."""
     return _attach(client, args.vms)
 
 

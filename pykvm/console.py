@@ -55,10 +55,12 @@ class HostConsole:
         self._thread: threading.Thread | None = None
         self._pending = bytearray()
         self._escape = False
+        self._wake: tuple[int, int] | None = None    # a pipe whose byte ends the pump's wait at once
 
     def __enter__(self) -> HostConsole:
         if self.fd is None:
             return self
+        self._wake = os.pipe()
         if self.interactive:
             self._saved_tty = termios.tcgetattr(self.fd)
             tty.setraw(self.fd)
@@ -68,8 +70,14 @@ class HostConsole:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        if self._wake is not None:
+            os.write(self._wake[1], b"\0")     # the pump is in select: end it now, not after POLL
         if self._thread is not None:
             self._thread.join()
+        if self._wake is not None:
+            for end in self._wake:
+                os.close(end)
+            self._wake = None
         if self._saved_tty is not None:
             try:
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved_tty)
@@ -79,15 +87,17 @@ class HostConsole:
 
     def _pump(self) -> None:
         eof = False
+        wake = self._wake[0]
         while not self._stop.is_set():
             if self._pending and (self.uart.listening or not self.wait_for_driver):
                 taken = self.uart.feed(bytes(self._pending))
                 del self._pending[:taken]
+            wait = POLL / 10 if self._pending else POLL
             if eof or len(self._pending) >= 4096:   # back-pressure: stop reading until the guest catches up
-                time.sleep(POLL / 10 if self._pending else POLL)
+                select.select([wake], [], [], wait)
                 continue
-            ready, _, _ = select.select([self.fd], [], [], POLL / 10 if self._pending else POLL)
-            if not ready:
+            ready, _, _ = select.select([self.fd, wake], [], [], wait)
+            if self.fd not in ready:
                 continue
             try:
                 data = os.read(self.fd, 1024)
@@ -267,10 +277,26 @@ class HostOutput:
                 callback()
 
 
+class _StdoutDrops:
+    """What :func:`stdout_write` could not write: bytes dropped, and the first error's sentence."""
+
+    dropped = 0
+    error: str | None = None
+
+
+stdout_drops = _StdoutDrops()
+
+
 def stdout_write(data: bytes) -> None:
-    """Guest output to the host's stdout, unbuffered; a closed pipe is not an error of the guest's."""
+    """Guest output to the host's stdout, unbuffered, on the calling thread (Machine's default when
+    used as a library; ``pykvm run`` uses :class:`HostOutput`). Output that cannot be written (a
+    closed pipe, ENOSPC, EIO, a closed or missing sys.stdout) is not an error of the guest's: it is
+    dropped and counted in ``stdout_drops.dropped``, the first error's sentence kept in
+    ``stdout_drops.error``."""
     try:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    except (BrokenPipeError, ValueError):
-        pass
+    except (OSError, ValueError, AttributeError) as e:
+        if stdout_drops.error is None:
+            stdout_drops.error = f"cannot write the guest's output to stdout: {getattr(e, 'strerror', None) or e}"
+        stdout_drops.dropped += len(data)

@@ -27,6 +27,7 @@ class FetchError(PykvmError):
 
 
 def cache_dir() -> Path:
+    """Where fetched files are kept: $PYKVM_CACHE, else ~/.cache/pykvm."""
     return Path(os.environ.get("PYKVM_CACHE") or Path.home() / ".cache" / "pykvm")
 
 

@@ -92,3 +92,38 @@ def test_pykvm_bench_runs_from_the_package_outside_the_checkout(tmp_path):
     assert set(result) == KINDS and all(row["pykvm_us"] > 0 for row in result.values())
     if shutil.which("gcc") is not None:
         assert all(row["ratio"] == pytest.approx(row["pykvm_us"] / row["c_us"], abs=6e-4) for row in result.values())
+
+
+def test_plot_draws_each_kinds_distribution_to_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the [plot] extra) is not installed")
+    from pykvm.bench import plot_latencies
+    distributions = {kind: {"pykvm": [2.0 + i * 0.1 for i in range(5)], "c": [1.0, 1.1, 1.2]} for kind in KINDS}
+    out = tmp_path / "latency.png"
+    plot_latencies(distributions, str(out))
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 400 and height > 200
+
+
+def test_plot_without_matplotlib_is_status_2_before_any_run(monkeypatch, capsys, tmp_path):
+    import argparse
+
+    from pykvm import bench
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured without a way to plot"))
+    args = argparse.Namespace(count=1, repeat=1, json=False, plot=str(tmp_path / "x.png"))
+    assert bench.run(args) == 2
+    assert "pykvm[plot]" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _kvm_usable(), reason="/dev/kvm is missing or not accessible: no VM can run")
+def test_pykvm_bench_plot_writes_the_png_and_still_prints_the_table(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the [plot] extra) is not installed")
+    out = tmp_path / "-latency.png"                          # a dash-led name is still the value
+    proc = subprocess.run([sys.executable, "-m", "pykvm", "bench", "--count", "100", "--repeat", "2",
+                           "--plot", str(out.name)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"drawn to {out.name}" in proc.stderr
+    assert all(kind in proc.stdout for kind in KINDS)

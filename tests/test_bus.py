@@ -58,8 +58,16 @@ def test_debug_exit_status_is_qemu_convention():
     dev = DebugExit(lambda value, status: seen.append((value, status)))
     for size, value in ((1, 0), (1, 0x2A), (2, 0x1234), (4, 7)):
         dev.write(0, size, value)
-    assert seen == [(0, 1), (0x2A, 85), (0x1234, 0x2469), (7, 15)]
+    assert seen == [(0, 1), (0x2A, 85), (0x1234, 0x69), (7, 15)]
     assert status_for(1) == 3
+
+
+def test_debug_exit_status_is_what_the_shell_sees():
+    """A wide write's (v << 1) | 1 passes 255; the status is its low 8 bits, as QEMU's exit() gives the shell."""
+    for value in (0x3130, 0x80, 0xFF, 0xFFFF, 0xFFFFFFFF, 0x7F, 0x12345678):
+        assert status_for(value) == ((value << 1) | 1) % 256
+        assert 1 <= status_for(value) <= 255 and status_for(value) & 1
+    assert status_for(0x3130) == 97
 
 
 def test_mmio_test_device_registers():

@@ -195,3 +195,42 @@ def test_a_driver_that_ignores_thre_loses_bytes_only_past_the_limit():
     assert output.written + output.dropped == 64 * 1024
     os.close(r)
     os.close(w)
+
+
+def test_stdout_write_to_a_full_disk_drops_and_counts(tmp_path):
+    """Machine's default output (a library user's stdout) on ENOSPC: no exception, the bytes counted."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom pykvm.console import stdout_write, stdout_drops\n"
+            "stdout_write(b'x' * 100000)\nstdout_write(b'y' * 10)\n"
+            "print(stdout_drops.dropped, stdout_drops.error, file=sys.stderr, flush=True)\n")
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, timeout=60)
+    err = r.stderr.decode()
+    first = err.splitlines()[0]
+    assert "Traceback" not in first, err
+    assert first.split()[0] == "100010" and "No space left on device" in first, err
+
+
+def test_leaving_the_console_does_not_wait_out_its_poll(monkeypatch):
+    """The input thread is woken when the run ends, whether it waits on an open pipe, at EOF, or
+    with input the guest has not taken: with a poll interval of an hour, leaving still returns."""
+    import pykvm.console as console
+    monkeypatch.setattr(console, "POLL", 3600.0)
+    for state in ("open", "eof", "full"):
+        r, w = os.pipe()
+        uart = SlowUart(room=0)
+        if state != "open":
+            os.write(w, b"x" * (5000 if state == "full" else 10))
+        if state == "eof":
+            os.close(w)
+        host = HostConsole(uart, on_quit=lambda: None, fd=r)
+        host.__enter__()
+        time.sleep(0.1)                     # the pump is in its wait
+        left = threading.Thread(target=host.__exit__, args=(None, None, None), daemon=True)
+        left.start()
+        left.join(30)                       # a hang detector: before the fix this waited an hour
+        assert not left.is_alive(), state
+        os.close(r)
+        if state != "eof":
+            os.close(w)

@@ -2,9 +2,9 @@
 virtio devices attached (issue 9, part 8). Seeded and reproducible: ``PYKVM_FUZZ_SEED`` (default
 9) picks the batch, a failure names the case's seed and mode, and ``PYKVM_FUZZ_SCALE`` multiplies
 the case counts (default 1: 1,050 random-code guests and 40 access programs, a few tens of seconds
-here). Every run must end with a documented status (0, odd, 2, 4, 124), never with a pykvm
-exception, never past its timeout, and leave no thread or descriptor behind. The tally of statuses
-and reasons is printed (``pytest -s``)."""
+here). Every run must end with a documented status (0, an odd debug-exit status of at most 255, 2,
+4, 124), never with a pykvm exception, never past its timeout, and leave no thread or descriptor
+behind. The tally of statuses and reasons is printed (``pytest -s``)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Mutated images for every loader, loaded and run (issue 9, part 8): a flat binary, ELF32, ELF64,
 a Multiboot kernel (guests/mbinfo.elf), a bzImage, a PVH vmlinux, an initrd, and firmware. Each
 mutated image must give either one clear error whose status is 2 (a BootError/UsageError: one
-paragraph naming the image), or a plan that then runs to a documented end (0, odd, 2, 4, 124)
-without a pykvm exception. Hypothesis draws the mutations (derandomized: the same cases on every
-run); a few of them also go through the CLI, where the status and the absence of a traceback are
-what a user sees. Counts: 30 loads per loader in-process, 16 CLI runs."""
+paragraph naming the image), or a plan that then runs to a documented end (0, an odd debug-exit
+status <= 255, 2, 4, 124) without a pykvm exception. Hypothesis draws the mutations
+(derandomized: the same cases on every run); a few of them also go through the CLI, where the
+status and the absence of a traceback are what a user sees. Counts: 30 loads per loader in-process, 16 CLI runs."""
 
 from __future__ import annotations
 

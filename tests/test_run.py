@@ -137,6 +137,25 @@ def test_debug_exit_status_and_string_io(tmp_path):
     assert b"debug-exit" in r.stderr
 
 
+@pytest.mark.parametrize("width, value", [("w", 0x3130), ("l", 0x12345678)])
+def test_wide_debug_exit_reports_the_status_the_shell_sees(tmp_path, width, value):
+    """(v << 1) | 1 of a 16/32-bit write passes 255: pykvm says and returns its low 8 bits, as QEMU does."""
+    register = {"w": "%ax", "l": "%eax"}[width]
+    image = assemble(f"""
+        mov ${value:#x}, {register}
+        out {register}, $0xf4
+        cli
+        hlt
+    """, 32, tmp_path)
+    path = tmp_path / "wide.bin"
+    path.write_bytes(image)
+    r = run_pykvm("run", str(path), "--mode", "prot32")
+    status = ((value << 1) | 1) & 0xFF
+    assert r.returncode == status, r.stderr
+    assert f"(exit status {status})".encode() in r.stderr, r.stderr
+    assert f"{value:#x}".encode() in r.stderr       # the reason names the whole value written
+
+
 def test_triple_fault_is_reported_with_registers_and_disassembly(tmp_path):
     image = assemble("mov $0x1234, %rbx\nud2\n", 64, tmp_path)
     path = tmp_path / "ud2.bin"

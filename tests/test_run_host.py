@@ -39,6 +39,12 @@ HANG = 60        # seconds: only a hang reaches this
     (["run", "--drive", "-disk.img,readonly"], "drive", ["-disk.img,readonly"]),
     (["run", "--stats-json", "-stats.json"], "stats_json", "-stats.json"),
     (["run", "--trace-filter", "-x"], "trace_filter", "-x"),
+    (["run", "--net", "tap=-tap0,mac=02:00:00:00:00:01"], "net", ["tap=-tap0,mac=02:00:00:00:00:01"]),
+    (["run", "--net", "-tap0"], "net", ["-tap0"]),
+    (["run", "--config-file", "-vm.json"], "config_file", "-vm.json"),
+    (["run", "--restore", "-vm.state", "--mem-file", "-vm.mem"], "mem_file", "-vm.mem"),
+    (["run", "--restore", "-vm.state", "--mem-file", "-vm.mem"], "restore", "-vm.state"),
+    (["vmm", "--api-sock", "-api.sock"], "api_sock", "-api.sock"),
 ])
 def test_free_text_options_take_a_value_that_starts_with_a_dash(argv, dest, value):
     args = build_parser().parse_args(bind_free_text(argv))

@@ -13,11 +13,13 @@ count 0: µs per exit = (median t(count) - median t(0)) / count. Runs of pykvm a
 kind by kind and repeat by repeat, so that drift on the host hits both alike. Guest code at CPL0
 is emulated on some backends, so the loop around each exit costs the same few µs on both sides.
 
-    pykvm bench [--count N] [--repeat R] [--json]      (or: python -m benchmarks.exit_latency ...)
+    pykvm bench [--count N] [--repeat R] [--json] [--plot FILE.png]   (or: python -m benchmarks.exit_latency ...)
 
 Prints a table ``kind pykvm_us c_us ratio``; with ``--json`` exactly one JSON object on stdout
 (the table then goes to stderr). Exit status 2 when /dev/kvm is missing (or gcc, with
-``--require-c``), 1 when a run goes wrong.
+``--require-c``), 1 when a run goes wrong. ``--plot FILE.png`` also draws, per kind, the
+distribution of the per-exit latency over the repeats (each repeat's t(count) less the median
+t(0), divided by count), pykvm beside C; it needs matplotlib (``pip install 'pykvm[plot]'``).
 """
 
 from __future__ import annotations
@@ -159,9 +161,17 @@ def per_exit_us(zero: list[float], full: list[float], count: int) -> float:
     return (t_full - t_zero) / count * 1e6
 
 
-def measure(count: int, repeat: int, progress=None, require_c: bool = True) -> dict[str, dict[str, float]]:
+def per_exit_samples_us(zero: list[float], full: list[float], count: int) -> list[float]:
+    """One µs-per-exit figure per repeat: (t_i(count) - median t(0)) / count, for a distribution."""
+    t_zero = statistics.median(zero)
+    return [max(t - t_zero, 0.0) / count * 1e6 for t in full]
+
+
+def measure(count: int, repeat: int, progress=None, require_c: bool = True,
+            distributions: dict | None = None) -> dict[str, dict[str, float]]:
     """Run every kind under pykvm and C, ``repeat`` times, interleaved; return the result table
-    (µs per exit per kind; ``c_us`` and ``ratio`` None when gcc is missing and not required)."""
+    (µs per exit per kind; ``c_us`` and ``ratio`` None when gcc is missing and not required).
+    ``distributions``, if given, is filled with {kind: {"pykvm"|"c": [µs per exit, one per repeat]}}."""
     if count < 1 or repeat < 1:
         raise ValueError("count and repeat must be at least 1")
     try:
@@ -199,7 +209,51 @@ def measure(count: int, repeat: int, progress=None, require_c: bool = True) -> d
         py_us = round(per_exit_us(*samples[name]["pykvm"], count), 3)
         c_us = round(per_exit_us(*samples[name]["c"], count), 3) if exe is not None else None
         table[name] = {"pykvm_us": py_us, "c_us": c_us, "ratio": round(py_us / c_us, 3) if c_us else None}
+        if distributions is not None:
+            distributions[name] = {impl: per_exit_samples_us(*samples[name][impl], count) for impl in impls}
     return table
+
+
+def check_plotting() -> None:
+    """Unavailable (status 2) unless matplotlib can be imported: checked before the benchmark runs."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise Unavailable("--plot needs matplotlib, which is not installed: pip install 'pykvm[plot]' "
+                          "(or pip install matplotlib)") from None
+
+
+def plot_latencies(distributions: dict[str, dict[str, list[float]]], path: str, title: str = "") -> None:
+    """Write a PNG to ``path``: per kind, a box plot of the µs-per-exit samples of each side
+    ({kind: {"pykvm"|"c": [µs, ...]}}), with every sample drawn as a dot. OSError if unwritable."""
+    import matplotlib
+    matplotlib.use("Agg")                      # files only: no display needed
+    import matplotlib.pyplot as plt
+    kinds = list(distributions)
+    sides = [side for side in ("pykvm", "c") if any(side in distributions[k] for k in kinds)]
+    fig, ax = plt.subplots(figsize=(1.8 * len(kinds) + 2, 4.5))
+    width = 0.8 / len(sides)
+    for j, side in enumerate(sides):
+        positions = [i + (j - (len(sides) - 1) / 2) * width for i in range(len(kinds))]
+        data = [distributions[k].get(side, []) for k in kinds]
+        box = ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True, showfliers=False)
+        color = ("tab:blue", "tab:orange")[j]
+        for patch in box["boxes"]:
+            patch.set_facecolor(color)
+            patch.set_alpha(0.35)
+        for x, values in zip(positions, data, strict=True):
+            ax.plot([x] * len(values), values, ".", color=color)
+        ax.plot([], [], "s", color=color, alpha=0.6, label="C KVM_RUN loop" if side == "c" else "pykvm")
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.set_ylabel("µs per exit")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title or "exit latency per kind (one dot per repeat)")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
@@ -219,6 +273,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=DEFAULT_REPEAT,
                         help=f"runs per kind and side; the median is used (default {DEFAULT_REPEAT})")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="also draw each kind's latency distribution to this PNG (needs pykvm[plot])")
     parser.add_argument("--require-c", action="store_true",
                         help="fail (status 2) when gcc cannot build the C baseline instead of measuring pykvm alone")
 
@@ -241,10 +297,18 @@ def run(args, require_c: bool = False) -> int:
     def note(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    plot = getattr(args, "plot", None)
+    if plot is not None:
+        try:
+            check_plotting()
+        except Unavailable as e:
+            note(f"exit_latency: {e}")
+            return 2
     note(f"host backend: {host_backend()}; target: ratio(pykvm/c) <= {TARGET} for port I/O and MMIO "
          f"({', '.join(TARGET_KINDS)}); count {args.count}, repeat {args.repeat}")
     try:
-        table = measure(args.count, args.repeat, progress=note, require_c=require_c)
+        distributions: dict = {}
+        table = measure(args.count, args.repeat, progress=note, require_c=require_c, distributions=distributions)
     except Unavailable as e:
         note(f"exit_latency: {e}")
         return 2
@@ -264,4 +328,12 @@ def run(args, require_c: bool = False) -> int:
              + ("met" if worst <= TARGET else "NOT met"))
     else:
         note("gcc is missing: pykvm alone was measured (no C baseline, no ratio)")
+    if plot is not None:
+        try:
+            plot_latencies(distributions, plot, f"exit latency on {host_backend()}, count {args.count}, "
+                                                f"{args.repeat} repeats")
+        except OSError as e:
+            note(f"exit_latency: cannot write the plot {plot}: {e.strerror or e}")
+            return 2
+        note(f"latency distributions drawn to {plot}")
     return 0

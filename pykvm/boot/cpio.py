@@ -72,17 +72,20 @@ class CpioWriter:
     # --- members ---
 
     def dir(self, path: str, mode: int = 0o755) -> CpioWriter:
+        """Add directory ``path`` (mode bits ``mode``); adding one already there is a no-op. Returns self."""
         name = normalize(path)
         if self._kinds.get(name) == stat.S_IFDIR:
             return self             # already there (perhaps implicitly): adding it again is harmless
         return self._add(name, stat.S_IFDIR, mode, b"")
 
     def file(self, path: str, data: bytes, mode: int = 0o644) -> CpioWriter:
+        """Add regular file ``path`` with ``data`` (bytes; TypeError otherwise). Returns self."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"cpio file {path!r}: data must be bytes, not {type(data).__name__}")
         return self._add(normalize(path), stat.S_IFREG, mode, bytes(data))
 
     def symlink(self, path: str, target: str) -> CpioWriter:
+        """Add symlink ``path`` -> ``target`` (ValueError for an empty target or one with NUL). Returns self."""
         if not target or "\0" in target:
             raise ValueError(f"cpio symlink {path!r}: bad target {target!r}")
         return self._add(normalize(path), stat.S_IFLNK, 0o777, target.encode())
@@ -100,6 +103,7 @@ class CpioWriter:
     # --- output ---
 
     def build(self) -> bytes:
+        """The archive in the newc format ("070701" headers, 4-byte aligned), ending with TRAILER!!!."""
         out = bytearray()
         for ino, (name, mode, rmajor, rminor, data) in enumerate(self._members, start=1):
             _append(out, name, data, ino=ino, mode=mode, nlink=2 if stat.S_ISDIR(mode) else 1,
@@ -108,6 +112,7 @@ class CpioWriter:
         return bytes(out)
 
     def names(self) -> list[str]:
+        """The member names, in the order they were added."""
         return [m[0] for m in self._members]
 
     # --- internals ---

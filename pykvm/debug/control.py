@@ -41,13 +41,12 @@ from ..kvm.constants import (
     KVM_GUESTDBG_USE_SW_BP,
 )
 from ..memory import GuestMemoryError
-from ..x86.modes import mode_of
+from ..x86.modes import linear_rip
 from ..x86.paging import PageFault
 from ..x86.registers import Vector
 from .breakpoints import SoftwareBreakpoints
-from .disasm import decode, text_of, transfers_control
-from .report import code_bits
-from .vmem import read_virtual
+from .disasm import transfers_control
+from .step import StepPrinter, instruction_at
 
 SIGINT, SIGTRAP = 2, 5
 DB_VECTOR, BP_VECTOR = Vector.DB, Vector.BP
@@ -57,9 +56,6 @@ NSLOTS = 4                    # DR0-DR3
 # DR7 R/W field per kind of hardware breakpoint (gdb's Z1..Z4)
 HW_EXEC, HW_WRITE, HW_ACCESS = 0, 1, 3
 _LEN_BITS = {1: 0, 2: 1, 8: 2, 4: 3}
-_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
-         "r14", "r15", "rflags")
-_SYS = ("cr0", "cr3", "cr4", "efer")
 
 
 @dataclass
@@ -112,8 +108,7 @@ class DebugControl:
         # breakpoint in a free debug register, "the trigger")
         self._trigger = step_from if step > 0 else None
         self._trigger_slot: int | None = None
-        self._step_no = 0
-        self._last: dict[int, tuple] = {}    # vCPU -> (registers, instruction) before its step
+        self._printer = StepPrinter(self.memory, self._say)     # --step's lines
         # Data breakpoints (watchpoints in DR0-3): kvm_pvm never reports them (measured: the
         # emulator that runs CPL0 code does not check them), so there they are refused.
         from ..kvm.host import host_backend
@@ -125,7 +120,7 @@ class DebugControl:
         if vcpu.id not in self._started:
             self._started.add(vcpu.id)
             if vcpu.id in self._steps_left and self._trigger is None:
-                self._begin_steps(vcpu)
+                self._printer.begin(vcpu, self._steps_left[vcpu.id])
             self._apply(vcpu)
         if vcpu.id in self._go:
             return False
@@ -147,7 +142,7 @@ class DebugControl:
             return False
         if self._trigger_slot is not None and vcpu.id in self._steps_left and dr6 & (1 << self._trigger_slot):
             self._trigger = self._trigger_slot = None          # --step-from: the address is reached
-            self._begin_steps(vcpu)
+            self._printer.begin(vcpu, self._steps_left[vcpu.id])
             self._apply(vcpu)
             return False
         guard = self._guard.get(vcpu.id)
@@ -177,7 +172,7 @@ class DebugControl:
         if not self.sw.patches:
             return False
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-        linear = _linear_rip(regs, sregs)
+        linear = linear_rip(regs, sregs)
         whose = self._our_int3(vcpu, linear)
         if whose is None:
             return False
@@ -225,6 +220,7 @@ class DebugControl:
 
     # --- called by the machine ----------------------------------------------------------------
     def machine_ended(self, result) -> None:
+        """Record how the run ended and wake the debugger's waits (any thread)."""
         with self._cond:
             self.ended = result
             self._cond.notify_all()
@@ -255,6 +251,7 @@ class DebugControl:
         self.machine.kick_all()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until every vCPU is parked or the run ended; False on ``timeout`` (seconds)."""
         with self._cond:
             return self._cond.wait_for(
                 lambda: self.ended is not None or (not self._go and len(self._parked) == len(self.vcpus)),
@@ -276,12 +273,14 @@ class DebugControl:
         self.resume({v.id: "c" for v in self.vcpus})
 
     def kill(self) -> None:
+        """gdb's ``k``: drop every breakpoint and end the run (STATUS_INTERRUPTED)."""
         self.clear_breakpoints()
         from ..errors import STATUS_INTERRUPTED
         self.machine.end(STATUS_INTERRUPTED, "killed from gdb")
 
     # --- breakpoints and memory (debugger's thread, vCPUs stopped) ----------------------------
     def paging(self, vcpu) -> tuple[int, int, int, int]:
+        """``vcpu``'s (CR0, CR3, CR4, EFER): what a guest-virtual address walk needs."""
         sregs = vcpu.get_sregs()
         return sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
 
@@ -294,15 +293,18 @@ class DebugControl:
         self.sw.write(self.paging(vcpu), addr, data)
 
     def insert_sw(self, vcpu, addr: int) -> None:
+        """Plant an int3 at guest-virtual ``addr`` (keyed by its physical byte); DebugError if unmapped."""
         try:
             self.sw.insert(vcpu, self.paging(vcpu), addr)
         except (GuestMemoryError, PageFault) as e:
             raise DebugError(str(e)) from None
 
     def remove_sw(self, addr: int) -> None:
+        """Remove the software breakpoint at guest-virtual ``addr``, restoring the byte."""
         self.sw.remove(addr)
 
     def insert_hw(self, addr: int, kind: int = HW_EXEC, length: int = 1) -> None:
+        """A hardware breakpoint or watchpoint in a free DR0-3 (SDM vol. 3 §17.2); DebugError if none."""
         if kind != HW_EXEC and length not in _LEN_BITS:
             raise DebugError(f"a watchpoint covers 1, 2, 4 or 8 bytes, not {length}")
         if kind != HW_EXEC and addr % length:
@@ -317,12 +319,14 @@ class DebugControl:
         raise DebugError("all four debug registers are in use")
 
     def remove_hw(self, addr: int, kind: int = HW_EXEC, length: int = 1) -> None:
+        """Free the debug register holding the breakpoint at ``addr`` of ``kind``, if any."""
         for slot, bp in enumerate(self.hw):
             if bp is not None and bp.addr == addr and bp.kind == kind:
                 self.hw[slot] = None
                 return
 
     def clear_breakpoints(self) -> None:
+        """Remove every software and hardware breakpoint (guest memory restored)."""
         self.sw.clear()
         self.hw = [None] * NSLOTS
 
@@ -360,40 +364,18 @@ class DebugControl:
     def _guard_address(self, vcpu) -> int | None:
         """The linear address of the instruction after the one at RIP, if execution must go there."""
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-        linear, insn = _instruction_at(self.memory, regs, sregs)
+        linear, insn = instruction_at(self.memory, regs, sregs)
         if insn is None or transfers_control(insn):
             return None
         return linear + insn.size
 
-    # --- --step -------------------------------------------------------------------------------
-    def _begin_steps(self, vcpu) -> None:
-        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-        self._say(f"single-stepping vCPU {vcpu.id} for {self._steps_left[vcpu.id]} instructions "
-                  f"(KVM_SET_GUEST_DEBUG, SINGLESTEP); {mode_of(sregs.cr0, sregs.cr4, sregs.efer, sregs.cs.l)}")
-        self._say("  " + " ".join(f"{name}={getattr(regs, name):#x}" for name in _GPRS)
-                  + f" rip={regs.rip:#x} cs={sregs.cs.selector:#x} "
-                  + " ".join(f"{name}={getattr(sregs, name):#x}" for name in _SYS))
-        self._last[vcpu.id] = (_snapshot(regs, sregs), _instruction_at(self.memory, regs, sregs))
-
     def _print_step(self, vcpu) -> None:
-        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-        before, (linear, insn) = self._last[vcpu.id]
-        after = _snapshot(regs, sregs)
-        self._step_no += 1
-        where = f"{linear:#x}: {insn.bytes.hex(' '):<27} {text_of(insn, before['bits'])}" if insn \
-            else f"{linear:#x}: (unreadable)"
-        changed = [f"{name}={after[name]:#x}" for name in after
-                   if name not in ("rip", "bits") and after[name] != before[name]]
-        if insn is None or after["rip"] != before["rip"] + insn.size:   # a jump, or a lost step
-            changed.append(f"rip={after['rip']:#x}")
-        if after["bits"] != before["bits"]:
-            changed.append(f"(now {mode_of(sregs.cr0, sregs.cr4, sregs.efer, sregs.cs.l)})")
-        self._say(f"step {self._step_no:>4}  {where:<66} {' '.join(changed)}".rstrip())
-        self._last[vcpu.id] = (after, _instruction_at(self.memory, regs, sregs))
+        """One --step line for ``vcpu``'s last instruction; the last of its N steps says so."""
+        self._printer.step(vcpu)
         self._steps_left[vcpu.id] -= 1
         if not self._steps_left[vcpu.id]:
             del self._steps_left[vcpu.id]
-            self._say(f"stepped {self._step_no} instructions; vCPU {vcpu.id} continues normally")
+            self._printer.done(vcpu)
 
     def _say(self, text: str) -> None:
         try:
@@ -407,25 +389,3 @@ def _dr7_bits(slot: int, bp: HwBreakpoint) -> int:
     """DR7: local enable L<slot>, R/W and LEN for the slot (exec breakpoints: R/W 00, LEN 00)."""
     rw, length = (0, 0) if bp.kind == HW_EXEC else (bp.kind, _LEN_BITS[bp.length])
     return (1 << (2 * slot)) | (rw << (16 + 4 * slot)) | (length << (18 + 4 * slot))
-
-
-def _linear_rip(regs, sregs) -> int:
-    mask = 0xFFFF_FFFF_FFFF_FFFF if code_bits(sregs) == 64 else 0xFFFF_FFFF
-    return (sregs.cs.base + regs.rip) & mask
-
-
-def _instruction_at(memory, regs, sregs):
-    """(linear RIP, capstone instruction or None)."""
-    linear, bits = _linear_rip(regs, sregs), code_bits(sregs)
-    code = read_virtual(memory, (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer), linear, 15)
-    # 16-bit code is decoded at its offset in CS, so jump targets read as the IP values they are
-    return linear, (decode(code, regs.rip if bits == 16 else linear, bits) if code else None)
-
-
-def _snapshot(regs, sregs) -> dict[str, int]:
-    snap = {name: getattr(regs, name) for name in _GPRS}
-    snap["rip"] = regs.rip
-    snap.update({name: getattr(sregs, name) for name in _SYS})
-    snap["cs"] = sregs.cs.selector
-    snap["bits"] = code_bits(sregs)
-    return snap

@@ -23,6 +23,7 @@ def disassemble(code: bytes, address: int, bits: int, limit: int = 8) -> list[tu
 
 
 def format_listing(code: bytes, address: int, bits: int, limit: int = 8, mark: int | None = None) -> str:
+    """Up to ``limit`` instructions, one per line, ``=>`` marking the one at ``mark``."""
     lines = []
     for addr, raw, text in disassemble(code, address, bits, limit):
         arrow = "=>" if addr == mark else "  "

@@ -53,16 +53,20 @@ class Arch:
 
     @property
     def bits(self) -> int:
+        """64 for i386:x86-64, else 32."""
         return 64 if self.name == "i386:x86-64" else 32
 
     def number(self, name: str) -> int:
+        """gdb's register number of register ``name`` (StopIteration if this arch has none)."""
         return next(i for i, r in enumerate(self.regs) if r.name == name)
 
     @property
     def pc(self) -> int:
+        """gdb's register number of the program counter (rip or eip)."""
         return self.number("rip" if self.bits == 64 else "eip")
 
     def g_size(self) -> int:
+        """Bytes in a ``g`` packet's register block (every register, little-endian)."""
         return sum(r.bits // 8 for r in self.regs)
 
 
@@ -168,6 +172,7 @@ class RegisterError(ValueError):
 
 
 def read_register(arch: Arch, state: VcpuState, number: int) -> bytes:
+    """Register ``number`` as gdb's ``p`` packet wants it (little-endian); RegisterError if none."""
     if not 0 <= number < len(arch.regs):
         raise RegisterError(f"no register {number}")
     reg = arch.regs[number]
@@ -175,10 +180,12 @@ def read_register(arch: Arch, state: VcpuState, number: int) -> bytes:
 
 
 def read_all(arch: Arch, state: VcpuState) -> bytes:
+    """Every register concatenated, as gdb's ``g`` packet wants them."""
     return b"".join(read_register(arch, state, n) for n in range(len(arch.regs)))
 
 
 def write_register(arch: Arch, state: VcpuState, number: int, raw: bytes) -> None:
+    """Set register ``number`` from ``raw`` (its exact width, little-endian); RegisterError otherwise."""
     if not 0 <= number < len(arch.regs):
         raise RegisterError(f"no register {number}")
     reg = arch.regs[number]
@@ -304,4 +311,5 @@ def full_tag_word(fpu) -> int:
 
 
 def abridged_tag_word(tag: int) -> int:
+    """The FXSAVE abridged tag byte (1 bit per x87 register) of a full 16-bit FTW (SDM vol. 1 §10.5.1)."""
     return sum(1 << phys for phys in range(8) if (tag >> (2 * phys)) & 3 != 3)

@@ -81,23 +81,29 @@ class MachineTarget:
         self._vcpus = {v.id + 1: v for v in control.vcpus}
 
     def threads(self) -> list[int]:
+        """gdb thread ids (vCPU index + 1), sorted."""
         return sorted(self._vcpus)
 
     def vcpu(self, tid: int):
+        """The vCPU behind gdb thread ``tid`` (KeyError if none)."""
         return self._vcpus[tid]
 
     def arch(self, tid: int) -> gdbarch.Arch:
+        """The register layout gdb gets for thread ``tid`` in its current mode."""
         return gdbarch.arch_for(self.vcpu(tid).get_sregs())
 
     def describe(self, tid: int) -> str:
+        """``vCPU N, <mode>``: thread ``tid`` for gdb's ``info threads``."""
         s = self.vcpu(tid).get_sregs()
         return f"vCPU {tid - 1}, {mode_of(s.cr0, s.cr4, s.efer, s.cs.l)}"
 
     def state(self, tid: int) -> gdbarch.VcpuState:
+        """Thread ``tid``'s registers, system registers and FPU state, read now."""
         vcpu = self.vcpu(tid)
         return gdbarch.VcpuState(vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu())
 
     def store(self, tid: int, state: gdbarch.VcpuState) -> None:
+        """Write back the parts of ``state`` gdb changed (its ``dirty`` set) to thread ``tid``."""
         vcpu = self.vcpu(tid)
         if "sregs" in state.dirty:
             vcpu.set_sregs(state.sregs)
@@ -108,9 +114,11 @@ class MachineTarget:
         state.dirty.clear()
 
     def read_memory(self, tid: int, addr: int, n: int) -> bytes:
+        """Up to ``n`` bytes at guest-virtual ``addr`` as thread ``tid`` sees it, without our int3s."""
         return self.control.read_memory(self.vcpu(tid), addr, n)
 
     def write_memory(self, tid: int, addr: int, data: bytes) -> None:
+        """Write ``data`` at guest-virtual ``addr`` as thread ``tid`` sees it; DebugError if unmapped."""
         self.control.write_memory(self.vcpu(tid), addr, data)
 
     @property
@@ -119,30 +127,37 @@ class MachineTarget:
         return self.control.data_breakpoints
 
     def insert_breakpoint(self, tid: int, ztype: int, addr: int, kind: int) -> None:
+        """gdb's ``Z``: type 0 software, 1 hardware, 2-4 watchpoints of ``kind`` bytes."""
         if ztype == 0:
             self.control.insert_sw(self.vcpu(tid), addr)
         else:
             self.control.insert_hw(addr, _Z_KINDS[ztype], kind)
 
     def remove_breakpoint(self, ztype: int, addr: int, kind: int) -> None:
+        """gdb's ``z``: remove what :meth:`insert_breakpoint` planted."""
         if ztype == 0:
             self.control.remove_sw(addr)
         else:
             self.control.remove_hw(addr, _Z_KINDS[ztype], kind)
 
     def event(self) -> StopEvent | None:
+        """Why the vCPUs last stopped, or None while they run."""
         return self.control.event
 
     def resume(self, actions: dict[int, str]) -> None:
+        """gdb's ``vCont``: per thread id ``c`` (continue) or ``s`` (step)."""
         self.control.resume({tid - 1: action for tid, action in actions.items()})
 
     def interrupt(self, signal: int = SIGINT) -> None:
+        """Stop every vCPU (gdb's Ctrl-C), reported with ``signal``."""
         self.control.interrupt(signal=signal)
 
     def detach(self) -> None:
+        """gdb's ``D``: drop breakpoints and let every vCPU run on."""
         self.control.detach()
 
     def kill(self) -> None:
+        """gdb's ``k``: end the run."""
         self.control.kill()
 
 
@@ -166,6 +181,7 @@ class Session:
 
     # -- entry point --
     def handle(self, packet: bytes) -> bytes | None:
+        """The reply to one packet's payload (None: no reply yet); errors become ``E`` replies."""
         try:
             return self._dispatch(packet)
         except (Unmapped, PageFault, GuestMemoryError):
@@ -428,9 +444,11 @@ class GdbServer:
         control.listener = self._wake
 
     def start(self) -> None:
+        """Start accepting gdb connections on the server's thread."""
         self._thread.start()
 
     def close(self) -> None:
+        """Stop serving and close the socket and connection; idempotent."""
         if self._wake_w < 0:
             return
         self._closing = True

@@ -46,6 +46,7 @@ _HEX = b"0123456789abcdefABCDEF"
 
 
 def checksum(data: bytes) -> int:
+    """The RSP checksum of a packet's data: the sum of its bytes modulo 256."""
     return sum(data) & 0xFF
 
 
@@ -91,6 +92,7 @@ class PacketReader:
         self._overflow = False
 
     def feed(self, chunk: bytes) -> list:
+        """Parse ``chunk`` of the byte stream; returns the acks, packets and interrupts it completed."""
         events: list = []
         for b in chunk:
             state = self._state

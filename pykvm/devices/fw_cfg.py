@@ -135,6 +135,7 @@ class FwCfg:
     # ---- the two registers ----------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
+        """A data-port read: the next ``size`` bytes of the selected item (all ones past its end or at the selector)."""
         if offset != 1:
             return all_ones(size)          # the selector is write-only
         with self._lock:
@@ -144,6 +145,7 @@ class FwCfg:
         return int.from_bytes(bytes(chunk).ljust(size, b"\0"), "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
+        """A 16-bit selector write picks an item and rewinds it; data writes are ignored (QEMU >= 2.4)."""
         if offset != 0 or size < 2:
             return                         # data writes are ignored, as in QEMU >= 2.4
         with self._lock:

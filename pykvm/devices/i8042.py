@@ -128,15 +128,18 @@ class I8042:
 
     @property
     def command_byte(self) -> int:
+        """The controller's command byte (its RAM byte 0)."""
         return self._ram[0]
 
     @property
     def a20(self) -> bool:
+        """Whether the output port's A20 gate bit is set."""
         return bool(self._output_port & OUT_A20)
 
     # ---- port 0x64 ----------------------------------------------------------------------
 
     def read_status(self) -> int:
+        """Port 0x64 read: the status register (OBF, SYS, A2, inhibit)."""
         with self._lock:
             status = STATUS_INH
             if self._obf:
@@ -148,6 +151,7 @@ class I8042:
             return status
 
     def write_command(self, cmd: int) -> None:
+        """Port 0x64 write: a controller command (0xFE pulses the reset line)."""
         reset = False
         with self._lock:
             self._a2 = True
@@ -179,6 +183,7 @@ class I8042:
     # ---- port 0x60 ----------------------------------------------------------------------
 
     def read_data(self) -> int:
+        """Port 0x60 read: the output buffer (clears OBF; the next queued byte follows)."""
         with self._lock:
             self._obf = False
             value = self._out
@@ -218,6 +223,7 @@ class I8042:
             self.keyboard_irq.pulse()
 
     def write_data(self, value: int) -> None:
+        """Port 0x60 write: a pending command's parameter, else a byte for the keyboard."""
         reset = False
         with self._lock:
             self._a2 = False

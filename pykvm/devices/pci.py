@@ -42,14 +42,17 @@ class PciConfigIo:
 
     @property
     def address(self) -> int:
+        """The last CONFIG_ADDRESS written (port 0xCF8)."""
         return self._address
 
     def read(self, offset: int, size: int) -> int:
+        """A 32-bit read of CONFIG_ADDRESS returns it; anything else all ones (no devices)."""
         if offset == 0 and size == 4:
             return self._address
         return all_ones(size)
 
     def write(self, offset: int, size: int, value: int) -> None:
+        """A 32-bit write sets CONFIG_ADDRESS; other widths are ignored."""
         if offset == 0 and size == 4:
             self._address = value & ADDRESS_MASK
 

@@ -28,9 +28,11 @@ class PowerOff:
         self._lock = threading.Lock()
 
     def read(self, offset: int, size: int) -> int:
+        """All ones of ``size`` bytes."""
         return all_ones(size)
 
     def write(self, offset: int, size: int, value: int) -> None:
+        """Match the byte against "Shutdown"; the last letter powers off, a wrong one restarts the match."""
         byte = value & 0xFF
         with self._lock:
             if byte == MAGIC[self._matched]:

@@ -20,9 +20,11 @@ class Sink:
         self.last = 0   # the last value written (a POST code, for the curious)
 
     def read(self, offset: int, size: int) -> int:
+        """All ones of ``size`` bytes."""
         return _ALL_ONES[size]
 
     def write(self, offset: int, size: int, value: int) -> None:
+        """Keep ``value`` as :attr:`last` and nothing else."""
         self.last = value
 
     def state(self) -> dict:

@@ -101,6 +101,7 @@ class Tap:
         return cls(fd, name)
 
     def fileno(self) -> int:
+        """The TAP's file descriptor (-1 once closed), for select/poll."""
         return self.fd
 
     def recv_into(self, buffer: memoryview) -> int:
@@ -119,6 +120,7 @@ class Tap:
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
 
     def close(self) -> None:
+        """Close the TAP's descriptor; idempotent."""
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)

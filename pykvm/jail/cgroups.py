@@ -107,6 +107,7 @@ class Cgroup:
     @classmethod
     def create(cls, hierarchy: Hierarchy, vm_id: str, memory: int | None, cpus: float | None,
                pids: int | None) -> Cgroup:
+        """Make the VM's cgroup with the given limits (bytes, CPUs, tasks); removed again on failure."""
         cgroup = cls(hierarchy, vm_id)
         try:
             cgroup._make()

@@ -37,6 +37,7 @@ class RootDir:
 
     @classmethod
     def create(cls, config: JailConfig) -> RootDir:
+        """Make the jail's root directory for ``config``; what was made is removed again on failure."""
         rootdir = cls(config)
         try:
             rootdir._make()
@@ -66,6 +67,7 @@ class RootDir:
                 pass
 
     def remove(self) -> None:
+        """Remove what :meth:`create` made; idempotent."""
         if self._made_vm_dir:
             shutil.rmtree(self.vm_dir, ignore_errors=True)
             self._made_vm_dir = False
