@@ -137,7 +137,7 @@ def devices(machine) -> dict[str, object]:
 def capture_devices(machine) -> dict:
     """{key: {"class": name, "state": device.state()}} for every device. A device whose model cannot say its
     state yet (no ``state()``) is recorded with state None and comes back in its reset state; the snapshot's
-    ``unsaved`` list names them (today the UART and the CMOS/RTC, whose models are being reworked)."""
+    ``unsaved`` list names them (none of the PC devices: the UART and the CMOS/RTC save their registers too)."""
     out = {}
     for key, device in devices(machine).items():
         name = type(device).__name__
