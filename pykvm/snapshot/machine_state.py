@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 
+from ..errors import UsageError
 from ..kvm.abi import STRUCTS, ffi
 from ..kvm.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
 from ..memory import PAGE_SIZE, back_with_file, dirty_pages, ram_regions, set_dirty_logging
@@ -136,16 +137,67 @@ def devices(machine) -> dict[str, object]:
 
 def capture_devices(machine) -> dict:
     """{key: {"class": name, "state": device.state()}} for every device. A device whose model cannot say its
-    state yet (no ``state()``) is recorded with state None and comes back in its reset state; the snapshot's
-    ``unsaved`` list names them (none of the PC devices: the UART and the CMOS/RTC save their registers too)."""
+    state (no ``state()``) is recorded with state None and comes back in its reset state; the snapshot's
+    ``unsaved`` list names them (none of the PC devices: the UART and the CMOS/RTC save their registers too).
+    A device that cannot be saved at this moment (a virtio device part-way through a chain it holds outside
+    the rings) refuses the snapshot with SnapshotError: resume and try again."""
     out = {}
     for key, device in devices(machine).items():
         name = type(device).__name__
-        if name.startswith("Virtio"):
-            raise SnapshotError(f"this machine has a virtio device ({name} at {key}), whose queue state cannot be "
-                                "saved yet: snapshots need a machine without --drive, --rng or --console virtio")
-        out[key] = {"class": name, "state": device.state() if hasattr(device, "state") else None}
+        try:
+            out[key] = {"class": name, "state": device.state() if hasattr(device, "state") else None}
+        except ValueError as e:
+            raise SnapshotError(f"cannot snapshot {name} at {key} now: {e}") from None
     return out
+
+
+def virtio_config(machine) -> dict:
+    """The virtio devices a restoring process must create before it takes their state, in the order
+    :func:`pykvm.devices.virtio.attach_virtio` places them (drives, console, entropy, network cards):
+    {"drives": [[path, read_only]], "console": bool, "rng": bool, "nets": [[tap, mac hex]]}."""
+    from ..devices.virtio import Block, Entropy, Net, VirtioConsole, VirtioMmio
+    config: dict = {"drives": [], "console": False, "rng": False, "nets": []}
+    transports = sorted(((base, device) for base, _, device in machine.mmio.devices()
+                         if isinstance(device, VirtioMmio)), key=lambda pair: pair[0])
+    for _, transport in transports:
+        device = transport.device
+        if isinstance(device, Block):
+            config["drives"].append([device.path, device.readonly])
+        elif isinstance(device, VirtioConsole):
+            config["console"] = True
+        elif isinstance(device, Entropy):
+            config["rng"] = True
+        elif isinstance(device, Net):
+            config["nets"].append([getattr(device.tap, "name", None), device.mac.hex()])
+    return config
+
+
+def attach_recorded_virtio(machine, state: dict) -> None:
+    """Create the virtio devices :func:`virtio_config` recorded on a fresh ``machine`` (design: each drive is
+    re-opened from the path in the state file, each network card from its TAP's name; the images must be the
+    ones the snapshot's guest used, and a drive whose size changed is refused). Their ioeventfds, irqfds and
+    device threads are set up as at a cold start. SnapshotError if the record is malformed or a drive or TAP
+    cannot be opened."""
+    from ..devices.virtio import DriveSpec, NetSpec, attach_virtio
+    config = state.get("virtio", {"drives": [], "console": False, "rng": False, "nets": []})
+    try:
+        drives = [DriveSpec(path, readonly) for path, readonly in config["drives"]]
+        nets = [NetSpec(tap, bytes.fromhex(mac)) for tap, mac in config["nets"]]
+        console, rng = config["console"], config["rng"]
+        if (not all(type(d.path) is str and d.path and type(d.readonly) is bool for d in drives)
+                or not all(type(n.tap) is str and n.tap and len(n.mac) == 6 for n in nets)
+                or type(console) is not bool or type(rng) is not bool):
+            raise ValueError("a field has the wrong type")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SnapshotError(f"the snapshot's virtio device list is malformed ({e})") from None
+    if not (drives or nets or console or rng):
+        return
+    try:
+        attach_virtio(machine, drives, rng, console, nets=nets)
+    except SnapshotError:
+        raise
+    except UsageError as e:
+        raise SnapshotError(f"cannot re-create the snapshot's virtio devices: {e}") from None
 
 
 def unsaved(device_states: dict) -> list[str]:
@@ -215,6 +267,7 @@ def capture(machine, kvm_msrs: list[int] | None = None) -> dict:
         "vcpus": [capture_vcpu(machine.kvm, v, machine.irqchip, msrs) for v in machine.vcpus],
         "vm": capture_vm(machine.vm, machine.irqchip),
         "devices": capture_devices(machine),
+        "virtio": virtio_config(machine),
         "created": time.time(),
     }
 
@@ -267,15 +320,21 @@ def restore(machine, state: dict, mem_path: str, track_dirty_pages: bool = False
         if size != ram_size(machine):
             raise SnapshotError(f"the snapshot memory file {mem_path} is {size} bytes, but the snapshot's guest has "
                                 f"{ram_size(machine)} bytes of RAM: it is truncated or belongs to another snapshot")
+        # Guest memory first: a virtio device thread (network input) may touch it as soon as its
+        # transport's state says the driver runs.
+        back_with_file(machine.memory, machine.vm, fd, dirty_log=track_dirty_pages)
+        attach_recorded_virtio(machine, state)
         restore_devices(machine, state.get("devices"))
         restore_vm(machine.vm, state.get("vm") or {}, machine.irqchip)
         for vcpu, vstate in zip(machine.vcpus, state["vcpus"], strict=True):
             if not isinstance(vstate, dict):
                 raise SnapshotError("the snapshot's vCPU state is malformed")
             restore_vcpu(vcpu, vstate, machine.irqchip)
-        back_with_file(machine.memory, machine.vm, fd, dirty_log=track_dirty_pages)
     finally:
         os.close(fd)
+    for device in devices(machine).values():
+        if hasattr(device, "resume_after_restore"):
+            device.resume_after_restore()
 
 
 def start_dirty_tracking(machine) -> None:
