@@ -219,3 +219,31 @@ def test_cmos_stopped_divider_needs_its_held_time():
     state["held"] = [1, 2, 3, 1, 4, 5, 2006]
     b = Cmos.from_state(state, now=lambda: T0, timer=False)
     assert inb(b, SECONDS) == 0x01
+
+
+# ---- device blobs stored by reference to the boot files -----------------------------------------
+
+def test_fw_cfg_kernel_and_initrd_are_stored_by_reference_and_mapped_back(tmp_path):
+    from pykvm.devices.fw_cfg import FW_CFG_INITRD_DATA, FW_CFG_KERNEL_DATA, FwCfg
+    from pykvm.snapshot import read_state, write_state
+    from pykvm.snapshot.machine_state import _refer_to_files, _resolve_files
+    kernel, initrd = tmp_path / "bzImage", tmp_path / "initrd"
+    kernel.write_bytes(b"setup" * 100 + bytes(range(256)) * 1024)
+    initrd.write_bytes(b"\x07" * (200 << 10))
+    fw = FwCfg(ram_size=64 * MiB, nb_cpus=1, max_cpus=1)
+    fw.set_boot(kernel=kernel.read_bytes()[500:], initrd=initrd.read_bytes(), cmdline="console=ttyS0")
+    files = [(str(p), p.read_bytes(), p.stat()) for p in (kernel, initrd)]
+    path = tmp_path / "vm.state"
+    size = write_state(str(path), {"devices": _refer_to_files({"fw": fw.state()}, files)})
+    assert size < 10_000                        # the 456 KiB of boot files are not in the state file
+    restored = FwCfg.from_state(_resolve_files(read_state(str(path))["devices"], {})["fw"])
+    assert restored.item(FW_CFG_KERNEL_DATA) == fw.item(FW_CFG_KERNEL_DATA)
+    assert restored.item(FW_CFG_INITRD_DATA) == initrd.read_bytes()
+    initrd.write_bytes(b"\x08" * (201 << 10))   # the file changed since: refused, naming it
+    with pytest.raises(SnapshotError, match=f"{initrd} changed since the snapshot"):
+        _resolve_files(read_state(str(path))["devices"], {})
+    initrd.unlink()
+    with pytest.raises(SnapshotError, match=f"cannot open {initrd}"):
+        _resolve_files(read_state(str(path))["devices"], {})
+    with pytest.raises(SnapshotError, match="malformed"):
+        _resolve_files({"x": {"$file": ["/etc/passwd", 0, 10, 5, 0]}}, {})

@@ -12,6 +12,7 @@ kernel's headers by tests/test_abi.py, and a restore on another layout is refuse
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 
@@ -259,14 +260,82 @@ def write_memory(machine, mem_path: str, diff: bool) -> int:
     return written
 
 
-def capture(machine, kvm_msrs: list[int] | None = None) -> dict:
-    """The whole state of a paused machine (without its RAM) as plain data for :func:`write_state`."""
+BY_REFERENCE_MIN = 64 << 10     # device blobs this large may be stored as a reference to a host file
+
+
+def _file_ref(data, files: list[tuple[str, bytes, os.stat_result]]):
+    """``data`` as {"$file": [path, offset, length, size, mtime_ns]} if it is a whole host file of ``files`` or
+    the tail of one (a bzImage's protected-mode part), else ``data`` itself."""
+    n = len(data)
+    for path, content, st in files:
+        for offset in (0, len(content) - n):
+            if 0 <= offset and content[offset:offset + n] == data:
+                return {"$file": [path, offset, n, st.st_size, st.st_mtime_ns]}
+    return data
+
+
+def _refer_to_files(value, files):
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _file_ref(value, files) if len(value) >= BY_REFERENCE_MIN else value
+    if isinstance(value, dict):
+        return {k: _refer_to_files(v, files) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_refer_to_files(v, files) for v in value]
+    return value
+
+
+def _resolve_files(value, opened: dict):
+    """Replace each {"$file": ...} of :func:`_file_ref` by a read-only view of the file, mapped (nothing is read
+    now). SnapshotError if the file is gone or changed since the snapshot (another size or modification time)."""
+    if isinstance(value, dict):
+        ref = value.get("$file")
+        if ref is not None and len(value) == 1:
+            if (not isinstance(ref, list) or len(ref) != 5 or type(ref[0]) is not str
+                    or not all(type(x) is int and x >= 0 for x in ref[1:]) or ref[1] + ref[2] > ref[3]):
+                raise SnapshotError("the snapshot's reference to a host file is malformed")
+            path, offset, length, size, mtime_ns = ref
+            if path not in opened:
+                try:
+                    with open(path, "rb") as f:
+                        st = os.fstat(f.fileno())
+                        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                            raise SnapshotError(f"{path} changed since the snapshot (the snapshot's guest was "
+                                                "booted from it and its devices refer to its contents): restore "
+                                                "with the same file")
+                        opened[path] = memoryview(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+                except OSError as e:
+                    raise SnapshotError(f"cannot open {path}, which the snapshot refers to: {e.strerror}") from None
+            return opened[path][offset:offset + length]
+        return {k: _resolve_files(v, opened) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_files(v, opened) for v in value]
+    return value
+
+
+def capture(machine, kvm_msrs: list[int] | None = None, files: list[str] = ()) -> dict:
+    """The whole state of a paused machine (without its RAM) as plain data for :func:`write_state`.
+
+    ``files``: host files the machine was booted from (kernel, initrd). A device blob of at least
+    :data:`BY_REFERENCE_MIN` bytes that is one of them (or its tail) is stored as a reference (path, offset,
+    length, and the file's size and modification time) instead of its bytes: fw_cfg's copies of the kernel and
+    initrd then stay out of the state file, and a restore maps them from the files (a changed file is
+    refused)."""
     msrs = kvm_msrs if kvm_msrs is not None else saveable_msrs(machine.kvm, machine.vcpus[0])
+    device_states = capture_devices(machine)
+    known = []
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                known.append((path, f.read(), os.fstat(f.fileno())))
+        except OSError:
+            continue        # the file is gone: its bytes stay in the state
+    if known:
+        device_states = _refer_to_files(device_states, known)
     return {
         "machine": machine_config(machine),
         "vcpus": [capture_vcpu(machine.kvm, v, machine.irqchip, msrs) for v in machine.vcpus],
         "vm": capture_vm(machine.vm, machine.irqchip),
-        "devices": capture_devices(machine),
+        "devices": device_states,
         "virtio": virtio_config(machine),
         "created": time.time(),
     }
@@ -324,7 +393,7 @@ def restore(machine, state: dict, mem_path: str, track_dirty_pages: bool = False
         # transport's state says the driver runs.
         back_with_file(machine.memory, machine.vm, fd, dirty_log=track_dirty_pages)
         attach_recorded_virtio(machine, state)
-        restore_devices(machine, state.get("devices"))
+        restore_devices(machine, _resolve_files(state.get("devices"), {}))
         restore_vm(machine.vm, state.get("vm") or {}, machine.irqchip)
         for vcpu, vstate in zip(machine.vcpus, state["vcpus"], strict=True):
             if not isinstance(vstate, dict):
