@@ -130,22 +130,33 @@ def test_diff_snapshot_writes_only_dirty_pages_and_restores_over_the_full_one(tm
     assert_continuous(counting(before + r.stdout.decode()))
 
 
-def test_snapshot_of_a_machine_with_virtio_devices_is_refused_clearly(tmp_path):
+def test_a_machine_with_virtio_devices_snapshots_and_restores_them(tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     vmm = VmmProcess(tmp_path, "vm")
     try:
         drive = {"drive_id": "rootfs", "path_on_host": str(disk), "is_root_device": True}
         assert vmm.client.put("/drives/rootfs", json=drive).status_code == 204
+        assert vmm.client.put("/entropy", json={}).status_code == 204
         start_counting(vmm)
         vmm.wait_output(2)
         assert vmm.client.patch("/vm", json={"state": "Paused"}).status_code == 204
-        r = vmm.client.put("/snapshot/create", json={"snapshot_path": str(tmp_path / "s"),
-                                                     "mem_file_path": str(tmp_path / "m")})
-        assert r.status_code == 400 and "virtio" in r.json()["fault_message"]
-        assert not (tmp_path / "s").exists()
-        assert vmm.client.patch("/vm", json={"state": "Resumed"}).status_code == 204
-        vmm.wait_output(vmm.output().count("\n") + 2)
-        assert_continuous(counting(vmm.output()))
+        state, mem = snapshot(vmm, tmp_path, "vm")
+        before = vmm.output()
     finally:
         vmm.close()
+    body = read_state(state)
+    assert body["virtio"]["drives"] == [[str(disk), False]] and body["virtio"]["rng"]
+    assert sorted(k for k in body["devices"] if k.startswith("mmio:0xd0001")) == ["mmio:0xd0001000",
+                                                                                 "mmio:0xd0001200"]
+    r = run_pykvm("run", "--restore", state, "--mem-file", mem, "--timeout", "1")
+    assert r.returncode == 124, r.stderr
+    assert_continuous(counting(before + r.stdout.decode()))
+    # The drive is re-opened from the path in the state: gone or changed in size, the restore is refused.
+    disk.write_bytes(bytes(2 << 20))
+    r = run_pykvm("run", "--restore", state, "--mem-file", mem)
+    assert r.returncode == 2 and "changed since the snapshot" in r.stderr.decode(), r.stderr
+    disk.unlink()
+    r = run_pykvm("run", "--restore", state, "--mem-file", mem)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "cannot re-create" in err and str(disk) in err and "Traceback" not in err

@@ -411,7 +411,9 @@ class Vmm:
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
                 raise ApiError(f"{what} {path}: the directory {parent} does not exist")
-        state = machine_state.capture(self.machine)
+        source = self.boot_source
+        files = [p for p in (source.kernel_image_path, source.initrd_path) if p] if source is not None else []
+        state = machine_state.capture(self.machine, files=files)
         state["snapshot_type"] = params.snapshot_type.value
         t0 = time.perf_counter()
         written = machine_state.write_memory(self.machine, params.mem_file_path, diff)

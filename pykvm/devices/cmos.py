@@ -440,6 +440,86 @@ class Cmos:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
+    # ---- snapshots ----------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """The chip as plain data (for a snapshot): the index and NMI-disable bit, the 128 RAM bytes (hex;
+        registers A and B among them), the register C flags, the guest clock as an offset from host time
+        (``offset``, seconds, which also carries the divider's phase and so the alarm/periodic/update
+        phase), the time held while updates are stopped ([sec, min, hour, wday, mday, mon, year] or None),
+        the day-of-week counter's distance from the date, how long ago (host seconds) events were last
+        accounted, and the IRQ 8 level."""
+        with self._lock:
+            now = self._now()
+            held = self._held
+            return {"index": self._index, "nmi_disabled": self.nmi_disabled, "ram": self._ram.hex(),
+                    "flags": self._flags, "offset": self._offset, "wday_delta": self._wday_delta,
+                    "held": None if held is None else [held.sec, held.min, held.hour, held.wday, held.mday,
+                                                       held.mon, held.year],
+                    "since_last": max(now - self._last, 0.0), "irq_level": self._line}
+
+    def load_state(self, state: dict) -> None:
+        """Take the chip's state from :meth:`state`'s record; ValueError (one sentence) if a field is missing,
+        of the wrong type or out of range. The guest's clock keeps its recorded offset from host time. IRQ 8
+        is driven to the recorded level and the timer thread starts again if an interrupt source is
+        enabled."""
+        try:
+            index, nmi, flags = state["index"], state["nmi_disabled"], state["flags"]
+            ram = bytes.fromhex(state["ram"])
+            offset, since_last = state["offset"], state["since_last"]
+            wday_delta, held, level = state["wday_delta"], state["held"], state["irq_level"]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"CMOS/RTC state is malformed: {e!r}") from None
+        bad = []
+        if type(index) is not int or not 0 <= index <= 0x7F:
+            bad.append("index")
+        if type(nmi) is not bool or type(level) is not bool:
+            bad.append("nmi_disabled/irq_level")
+        if len(ram) != 128:
+            bad.append("ram")
+        if type(flags) is not int or flags & ~(C_PF | C_AF | C_UF):
+            bad.append("flags")
+        # the offset may put the guest anywhere in years 1-9999: bounded by the calendar's range
+        if type(offset) not in (int, float) or not math.isfinite(offset) or abs(offset) > _MAX_EPOCH - _MIN_EPOCH:
+            bad.append("offset")
+        if type(since_last) not in (int, float) or not 0 <= since_last < 1e9:
+            bad.append("since_last")
+        if type(wday_delta) is not int or not 0 <= wday_delta < 7:
+            bad.append("wday_delta")
+        fields = None
+        if held is not None:
+            tops = ((0, 59), (0, 59), (0, 23), (1, 7), (1, 31), (1, 12), (1, 9999))
+            if (not isinstance(held, list) or len(held) != 7
+                    or not all(type(v) is int and lo <= v <= hi for v, (lo, hi) in zip(held, tops, strict=False))):
+                bad.append("held")
+            else:
+                fields = Fields(*held)
+        if len(ram) == 128 and "held" not in bad:
+            stopped = bool(ram[REG_B] & B_SET) or ram[REG_A] & A_DV > DV_32KHZ
+            if stopped != (fields is not None):
+                bad.append("held (it must be given exactly when SET or the divider stops the updates)")
+        if bad:
+            raise ValueError(f"CMOS/RTC state is malformed: {', '.join(bad)} out of range")
+        with self._lock:
+            self._index, self.nmi_disabled, self._flags = index, nmi, flags
+            self._ram[:] = ram
+            self._offset, self._wday_delta, self._held = float(offset), wday_delta, fields
+            self._last = self._now() - since_last
+            self._line = False      # the fresh line is low
+            if level:
+                self._line = True
+                if self._irq is not None:
+                    self._irq.set(True)
+            self._changed()
+
+    @classmethod
+    def from_state(cls, state: dict, now: Callable[[], float] = time.time, irq: IrqLine | None = None,
+                   timer: bool = True) -> Cmos:
+        """A chip in the state :meth:`state` recorded, with its host doors (see the constructor)."""
+        cmos = cls(ram_below_4g=0, now=now, irq=irq, timer=timer)
+        cmos.load_state(state)
+        return cmos
+
     # ---- the two ports ------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:

@@ -290,6 +290,70 @@ class Uart16550:
             self._power_on()
             self._update_irq()
 
+    # ---- snapshots ---------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """The registers as plain data (for a snapshot, like vm-superio's ``SerialState``): IER, LCR, MCR,
+        SCR, the divisor latch, FIFO enable and receive trigger level, the received bytes not yet read
+        (hex), overrun, the armed THR-empty interrupt, the transmitter held busy by host back-pressure,
+        the MSR inputs and deltas, the IRQ level last driven and whether a driver is listening."""
+        with self._lock:
+            return {"ier": self._ier, "lcr": self._lcr, "mcr": self._mcr, "scr": self._scr,
+                    "divisor": self._divisor, "fifo": self._fifo, "trigger": self._trigger,
+                    "rx": self._rx.hex(), "overrun": self._overrun, "thre_armed": self._thre_armed,
+                    "tx_busy": self._tx_busy, "msr_inputs": self._msr_inputs, "msr_deltas": self._msr_deltas,
+                    "irq_level": self._irq_level, "listening": self._listening}
+
+    def load_state(self, state: dict) -> None:
+        """Take the registers from :meth:`state`'s record; ValueError (one sentence) if a field is missing,
+        of the wrong type or out of range. The IRQ level the registers imply is driven onto the line again
+        (the recorded ``irq_level`` must agree with it), so the interrupt controller, restored after the
+        devices, sees the same input level."""
+        try:
+            ints = {name: state[name] for name in ("ier", "lcr", "mcr", "scr", "divisor", "trigger",
+                                                   "msr_inputs", "msr_deltas")}
+            flags = {name: state[name] for name in ("fifo", "overrun", "thre_armed", "tx_busy", "irq_level",
+                                                    "listening")}
+            rx = bytes.fromhex(state["rx"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"16550 UART state is malformed: {e!r}") from None
+        limits = {"ier": 0x0F, "lcr": 0xFF, "mcr": 0x1F, "scr": 0xFF, "divisor": 0xFFFF, "trigger": 14,
+                  "msr_inputs": 0xF0, "msr_deltas": 0x0F}
+        bad = [n for n, v in ints.items() if type(v) is not int or not 0 <= v <= limits[n]
+               or (n != "trigger" and v & ~limits[n])]
+        bad += [n for n, v in flags.items() if type(v) is not bool]
+        if ints["trigger"] not in _TRIGGER_LEVELS:
+            bad.append("trigger")
+        if type(flags["fifo"]) is bool and len(rx) > (FIFO_DEPTH if flags["fifo"] else 1):
+            bad.append("rx")
+        if bad:
+            raise ValueError(f"16550 UART state is malformed: {', '.join(sorted(set(bad)))} out of range")
+        probe = Uart16550()
+        probe._take(ints, flags, rx)
+        if probe._irq_level != flags["irq_level"]:
+            raise ValueError("16550 UART state is malformed: its irq_level disagrees with its registers")
+        with self._lock:
+            self._take(ints, flags, rx)
+
+    def _take(self, ints: dict, flags: dict, rx: bytes) -> None:
+        """Set the checked registers of :meth:`load_state` (lock held) and drive the line to match."""
+        self._ier, self._lcr, self._mcr, self._scr = ints["ier"], ints["lcr"], ints["mcr"], ints["scr"]
+        self._divisor, self._trigger = ints["divisor"], ints["trigger"]
+        self._msr_inputs, self._msr_deltas = ints["msr_inputs"], ints["msr_deltas"]
+        self._fifo, self._overrun = flags["fifo"], flags["overrun"]
+        self._thre_armed, self._tx_busy, self._listening = flags["thre_armed"], flags["tx_busy"], flags["listening"]
+        self._rx[:] = rx
+        self._irq_level = False   # the fresh line is low: drive it to what the registers say
+        self._update_irq()
+
+    @classmethod
+    def from_state(cls, state: dict, irq: IrqLine | None = None, out: Callable[[bytes], None] | None = None,
+                   out_room: Callable[[], int] | None = None) -> Uart16550:
+        """A UART in the state :meth:`state` recorded, with its host doors (see the constructor)."""
+        uart = cls(irq, out, out_room)
+        uart.load_state(state)
+        return uart
+
     # ---- guest side: one handler per register, by its datasheet name -------------------------
 
     def read(self, offset: int, size: int) -> int:

@@ -12,9 +12,11 @@ kernel's headers by tests/test_abi.py, and a restore on another layout is refuse
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 
+from ..errors import UsageError
 from ..kvm.abi import STRUCTS, ffi
 from ..kvm.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
 from ..memory import PAGE_SIZE, back_with_file, dirty_pages, ram_regions, set_dirty_logging
@@ -136,16 +138,67 @@ def devices(machine) -> dict[str, object]:
 
 def capture_devices(machine) -> dict:
     """{key: {"class": name, "state": device.state()}} for every device. A device whose model cannot say its
-    state yet (no ``state()``) is recorded with state None and comes back in its reset state; the snapshot's
-    ``unsaved`` list names them (today the UART and the CMOS/RTC, whose models are being reworked)."""
+    state (no ``state()``) is recorded with state None and comes back in its reset state; the snapshot's
+    ``unsaved`` list names them (none of the PC devices: the UART and the CMOS/RTC save their registers too).
+    A device that cannot be saved at this moment (a virtio device part-way through a chain it holds outside
+    the rings) refuses the snapshot with SnapshotError: resume and try again."""
     out = {}
     for key, device in devices(machine).items():
         name = type(device).__name__
-        if name.startswith("Virtio"):
-            raise SnapshotError(f"this machine has a virtio device ({name} at {key}), whose queue state cannot be "
-                                "saved yet: snapshots need a machine without --drive, --rng or --console virtio")
-        out[key] = {"class": name, "state": device.state() if hasattr(device, "state") else None}
+        try:
+            out[key] = {"class": name, "state": device.state() if hasattr(device, "state") else None}
+        except ValueError as e:
+            raise SnapshotError(f"cannot snapshot {name} at {key} now: {e}") from None
     return out
+
+
+def virtio_config(machine) -> dict:
+    """The virtio devices a restoring process must create before it takes their state, in the order
+    :func:`pykvm.devices.virtio.attach_virtio` places them (drives, console, entropy, network cards):
+    {"drives": [[path, read_only]], "console": bool, "rng": bool, "nets": [[tap, mac hex]]}."""
+    from ..devices.virtio import Block, Entropy, Net, VirtioConsole, VirtioMmio
+    config: dict = {"drives": [], "console": False, "rng": False, "nets": []}
+    transports = sorted(((base, device) for base, _, device in machine.mmio.devices()
+                         if isinstance(device, VirtioMmio)), key=lambda pair: pair[0])
+    for _, transport in transports:
+        device = transport.device
+        if isinstance(device, Block):
+            config["drives"].append([device.path, device.readonly])
+        elif isinstance(device, VirtioConsole):
+            config["console"] = True
+        elif isinstance(device, Entropy):
+            config["rng"] = True
+        elif isinstance(device, Net):
+            config["nets"].append([getattr(device.tap, "name", None), device.mac.hex()])
+    return config
+
+
+def attach_recorded_virtio(machine, state: dict) -> None:
+    """Create the virtio devices :func:`virtio_config` recorded on a fresh ``machine`` (design: each drive is
+    re-opened from the path in the state file, each network card from its TAP's name; the images must be the
+    ones the snapshot's guest used, and a drive whose size changed is refused). Their ioeventfds, irqfds and
+    device threads are set up as at a cold start. SnapshotError if the record is malformed or a drive or TAP
+    cannot be opened."""
+    from ..devices.virtio import DriveSpec, NetSpec, attach_virtio
+    config = state.get("virtio", {"drives": [], "console": False, "rng": False, "nets": []})
+    try:
+        drives = [DriveSpec(path, readonly) for path, readonly in config["drives"]]
+        nets = [NetSpec(tap, bytes.fromhex(mac)) for tap, mac in config["nets"]]
+        console, rng = config["console"], config["rng"]
+        if (not all(type(d.path) is str and d.path and type(d.readonly) is bool for d in drives)
+                or not all(type(n.tap) is str and n.tap and len(n.mac) == 6 for n in nets)
+                or type(console) is not bool or type(rng) is not bool):
+            raise ValueError("a field has the wrong type")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SnapshotError(f"the snapshot's virtio device list is malformed ({e})") from None
+    if not (drives or nets or console or rng):
+        return
+    try:
+        attach_virtio(machine, drives, rng, console, nets=nets)
+    except SnapshotError:
+        raise
+    except UsageError as e:
+        raise SnapshotError(f"cannot re-create the snapshot's virtio devices: {e}") from None
 
 
 def unsaved(device_states: dict) -> list[str]:
@@ -207,14 +260,83 @@ def write_memory(machine, mem_path: str, diff: bool) -> int:
     return written
 
 
-def capture(machine, kvm_msrs: list[int] | None = None) -> dict:
-    """The whole state of a paused machine (without its RAM) as plain data for :func:`write_state`."""
+BY_REFERENCE_MIN = 64 << 10     # device blobs this large may be stored as a reference to a host file
+
+
+def _file_ref(data, files: list[tuple[str, bytes, os.stat_result]]):
+    """``data`` as {"$file": [path, offset, length, size, mtime_ns]} if it is a whole host file of ``files`` or
+    the tail of one (a bzImage's protected-mode part), else ``data`` itself."""
+    n = len(data)
+    for path, content, st in files:
+        for offset in (0, len(content) - n):
+            if 0 <= offset and content[offset:offset + n] == data:
+                return {"$file": [path, offset, n, st.st_size, st.st_mtime_ns]}
+    return data
+
+
+def _refer_to_files(value, files):
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _file_ref(value, files) if len(value) >= BY_REFERENCE_MIN else value
+    if isinstance(value, dict):
+        return {k: _refer_to_files(v, files) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_refer_to_files(v, files) for v in value]
+    return value
+
+
+def _resolve_files(value, opened: dict):
+    """Replace each {"$file": ...} of :func:`_file_ref` by a read-only view of the file, mapped (nothing is read
+    now). SnapshotError if the file is gone or changed since the snapshot (another size or modification time)."""
+    if isinstance(value, dict):
+        ref = value.get("$file")
+        if ref is not None and len(value) == 1:
+            if (not isinstance(ref, list) or len(ref) != 5 or type(ref[0]) is not str
+                    or not all(type(x) is int and x >= 0 for x in ref[1:]) or ref[1] + ref[2] > ref[3]):
+                raise SnapshotError("the snapshot's reference to a host file is malformed")
+            path, offset, length, size, mtime_ns = ref
+            if path not in opened:
+                try:
+                    with open(path, "rb") as f:
+                        st = os.fstat(f.fileno())
+                        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                            raise SnapshotError(f"{path} changed since the snapshot (the snapshot's guest was "
+                                                "booted from it and its devices refer to its contents): restore "
+                                                "with the same file")
+                        opened[path] = memoryview(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+                except OSError as e:
+                    raise SnapshotError(f"cannot open {path}, which the snapshot refers to: {e.strerror}") from None
+            return opened[path][offset:offset + length]
+        return {k: _resolve_files(v, opened) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_files(v, opened) for v in value]
+    return value
+
+
+def capture(machine, kvm_msrs: list[int] | None = None, files: list[str] = ()) -> dict:
+    """The whole state of a paused machine (without its RAM) as plain data for :func:`write_state`.
+
+    ``files``: host files the machine was booted from (kernel, initrd). A device blob of at least
+    :data:`BY_REFERENCE_MIN` bytes that is one of them (or its tail) is stored as a reference (path, offset,
+    length, and the file's size and modification time) instead of its bytes: fw_cfg's copies of the kernel and
+    initrd then stay out of the state file, and a restore maps them from the files (a changed file is
+    refused)."""
     msrs = kvm_msrs if kvm_msrs is not None else saveable_msrs(machine.kvm, machine.vcpus[0])
+    device_states = capture_devices(machine)
+    known = []
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                known.append((path, f.read(), os.fstat(f.fileno())))
+        except OSError:
+            continue        # the file is gone: its bytes stay in the state
+    if known:
+        device_states = _refer_to_files(device_states, known)
     return {
         "machine": machine_config(machine),
         "vcpus": [capture_vcpu(machine.kvm, v, machine.irqchip, msrs) for v in machine.vcpus],
         "vm": capture_vm(machine.vm, machine.irqchip),
-        "devices": capture_devices(machine),
+        "devices": device_states,
+        "virtio": virtio_config(machine),
         "created": time.time(),
     }
 
@@ -267,15 +389,21 @@ def restore(machine, state: dict, mem_path: str, track_dirty_pages: bool = False
         if size != ram_size(machine):
             raise SnapshotError(f"the snapshot memory file {mem_path} is {size} bytes, but the snapshot's guest has "
                                 f"{ram_size(machine)} bytes of RAM: it is truncated or belongs to another snapshot")
-        restore_devices(machine, state.get("devices"))
+        # Guest memory first: a virtio device thread (network input) may touch it as soon as its
+        # transport's state says the driver runs.
+        back_with_file(machine.memory, machine.vm, fd, dirty_log=track_dirty_pages)
+        attach_recorded_virtio(machine, state)
+        restore_devices(machine, _resolve_files(state.get("devices"), {}))
         restore_vm(machine.vm, state.get("vm") or {}, machine.irqchip)
         for vcpu, vstate in zip(machine.vcpus, state["vcpus"], strict=True):
             if not isinstance(vstate, dict):
                 raise SnapshotError("the snapshot's vCPU state is malformed")
             restore_vcpu(vcpu, vstate, machine.irqchip)
-        back_with_file(machine.memory, machine.vm, fd, dirty_log=track_dirty_pages)
     finally:
         os.close(fd)
+    for device in devices(machine).values():
+        if hasattr(device, "resume_after_restore"):
+            device.resume_after_restore()
 
 
 def start_dirty_tracking(machine) -> None:

@@ -94,6 +94,24 @@ class Block(VirtioDevice):
         self.flushes = 0
         self._config = struct.pack("<QII4xI", self.capacity, 0, self.seg_max, SECTOR).ljust(CONFIG_SIZE, b"\0")
 
+    def state(self) -> dict:
+        """The drive as the guest knows it (for a snapshot): the image's path, read-only, capacity in sectors.
+        A restore re-opens the image at that path (see pykvm.snapshot.machine_state)."""
+        return {"path": self.path, "readonly": self.readonly, "capacity": self.capacity}
+
+    def load_state(self, state: dict) -> None:
+        """Check that this drive is the one :meth:`state` recorded; ValueError if the path, the read-only
+        setting or the capacity (the image changed size since the snapshot) differ."""
+        try:
+            path, readonly, capacity = state["path"], state["readonly"], state["capacity"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"virtio-blk state is malformed: {e!r}") from None
+        if path != self.path or readonly is not self.readonly:
+            raise ValueError(f"virtio-blk state is for drive {path!r} (read-only {readonly!r}), not {self.path!r}")
+        if capacity != self.capacity:
+            raise ValueError(f"drive {self.path} has {self.capacity} sectors now, but the snapshot's guest knows "
+                             f"it with {capacity!r}: the image was changed since the snapshot")
+
     def config(self) -> bytes:
         """The 60-byte virtio_blk_config: capacity in sectors, seg_max, blk_size."""
         return self._config

@@ -87,6 +87,14 @@ class VirtioConsole(VirtioDevice):
         self._first_output = None
         self._tx = None
 
+    def state(self) -> dict:
+        """No state of its own beyond the transport's ({}). ValueError while a transmit chain is half sent (the
+        host's output was full): that chain is not in the rings any more, so a snapshot now would lose it."""
+        if self._tx is not None:
+            raise ValueError("the virtio console is part-way through the guest's output (the host's output is "
+                             "full): resume, let the output drain and snapshot again")
+        return {}
+
     def host_ready(self) -> None:
         """The host has room for output again: carry on with the transmit queue."""
         self.transport.process_queue(TRANSMITQ)

@@ -164,6 +164,15 @@ class VirtioDevice:
     def close(self) -> None:
         """Release host resources (files)."""
 
+    def state(self) -> dict:
+        """The device's own state as plain data (for a snapshot); a device with none gives {}."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Take :meth:`state`'s record; ValueError if it does not fit this device."""
+        if state != {}:
+            raise ValueError(f"{self.name} state is malformed: it has no state of its own")
+
 
 class _QueueState:
     """The Queue* registers of one queue and, while it is ready, its SplitQueue."""
@@ -445,6 +454,113 @@ class VirtioMmio:
     def _features_acceptable(self) -> bool:
         accepted = self.driver_features
         return bool(accepted & VIRTIO_F_VERSION_1) and not accepted & ~self.offered
+
+    # --- snapshots -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        """The transport's registers and each queue's position, as plain data (for a snapshot): Status, the
+        feature selectors and the accepted features, QueueSel, InterruptStatus, ConfigGeneration; per queue
+        QueueNum, QueueReady, the three area addresses and, while ready, the next available entry to take,
+        the used index and the used index last considered for an interrupt (virtio 1.x 4.2.2, 2.7); and the
+        device's own ``state()`` under ``"device"``. Call it with the vCPUs and device threads paused."""
+        with self.lock:
+            queues = []
+            for q in self.queues:
+                record = {"num": q.num, "ready": q.ready, "desc": q.desc, "driver": q.driver, "device": q.device}
+                if q.queue is not None:
+                    record.update(last_avail=q.queue.last_avail, used_idx=q.queue.used_idx,
+                                  signalled_used=q.queue.signalled_used)
+                queues.append(record)
+            return {"device_id": self.device.device_id, "status": self.status,
+                    "device_features_sel": self.device_features_sel, "driver_features": self.driver_features,
+                    "driver_features_sel": self.driver_features_sel, "queue_sel": self.queue_sel,
+                    "interrupt_status": self.interrupt_status, "config_generation": self.config_generation,
+                    "queues": queues, "device": self.device.state()}
+
+    def load_state(self, state: dict) -> None:
+        """Take :meth:`state`'s record. Everything in it is checked as guest input is: ValueError (one sentence)
+        for a field missing, of the wrong type or out of range, features the device does not offer, a ready
+        queue whose size or areas the transport would refuse from the driver (not a power of 2, above
+        QueueNumMax, misaligned, outside guest RAM), or an available index beyond the ring. The descriptors
+        themselves are checked when the device takes them, as always. A pending InterruptStatus raises the
+        line again. The device is not started here: :meth:`resume_after_restore` does that once guest memory
+        is in place."""
+        def number(value, bits: int, what: str) -> int:
+            if type(value) is not int or not 0 <= value < 1 << bits:
+                raise ValueError(f"virtio-mmio state is malformed: {what} is not a {bits}-bit number")
+            return value
+        try:
+            if state["device_id"] != self.device.device_id:
+                raise ValueError(f"virtio-mmio state is for device type {state['device_id']!r}, "
+                                 f"not {self.device.device_id} ({self.device.name})")
+            status = number(state["status"], 8, "Status")
+            values = {k: number(state[k], bits, k) for k, bits in (
+                ("device_features_sel", 32), ("driver_features", 64), ("driver_features_sel", 32),
+                ("queue_sel", 32), ("interrupt_status", 2), ("config_generation", 32))}
+            queues = state["queues"]
+            device_state = state["device"]
+            if not isinstance(queues, list) or len(queues) != len(self.queues):
+                raise ValueError(f"virtio-mmio state is malformed: {self.device.name} has {len(self.queues)} "
+                                 "queues")
+            if status & ~(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | DEVICE_NEEDS_RESET | FAILED):
+                raise ValueError("virtio-mmio state is malformed: Status has undefined bits")
+            if status & FEATURES_OK and (values["driver_features"] & ~self.offered
+                                         or not values["driver_features"] & VIRTIO_F_VERSION_1):
+                raise ValueError(f"virtio-mmio state is malformed: accepted features "
+                                 f"{values['driver_features']:#x} are not a valid subset of {self.offered:#x}")
+            negotiated = values["driver_features"] if status & FEATURES_OK else 0
+            built = []
+            for i, (q, record) in enumerate(zip(self.queues, queues, strict=True)):
+                num = number(record["num"], 16, f"queue {i} size")
+                addrs = [number(record[k], 64, f"queue {i} {k} address") for k in ("desc", "driver", "device")]
+                ready = record["ready"]
+                if type(ready) is not bool:
+                    raise ValueError(f"virtio-mmio state is malformed: queue {i} ready is not true/false")
+                queue = None
+                if ready:
+                    if not status & FEATURES_OK or num > q.max_size:
+                        raise ValueError(f"virtio-mmio state is malformed: queue {i} is ready with size {num} "
+                                         f"(QueueNumMax {q.max_size}) or before FEATURES_OK")
+                    try:
+                        queue = SplitQueue(self.memory, num, *addrs,
+                                           indirect=bool(negotiated & VIRTIO_F_RING_INDIRECT_DESC),
+                                           event_idx=bool(negotiated & VIRTIO_F_RING_EVENT_IDX))
+                    except VirtqueueError as e:
+                        raise ValueError(f"virtio-mmio state is malformed: queue {i}: {e}") from None
+                    if not status & DEVICE_NEEDS_RESET:
+                        queue.last_avail = number(record["last_avail"], 16, f"queue {i} last_avail")
+                        queue.used_idx = number(record["used_idx"], 16, f"queue {i} used_idx")
+                        queue.signalled_used = number(record["signalled_used"], 16, f"queue {i} signalled_used")
+                        if (queue.last_avail - queue.used_idx) & 0xFFFF > num:
+                            raise ValueError(f"virtio-mmio state is malformed: queue {i} has more chains in "
+                                             "flight than entries")
+                    else:
+                        queue = None   # a device that needs a reset uses no queue
+                built.append((num, ready, addrs, queue))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"virtio-mmio state is malformed: {e!r}") from None
+        self.device.load_state(device_state)
+        with self.lock:
+            self.status = status
+            self.device_features_sel = values["device_features_sel"]
+            self.driver_features = values["driver_features"]
+            self.driver_features_sel = values["driver_features_sel"]
+            self.queue_sel = values["queue_sel"]
+            self.config_generation = values["config_generation"]
+            for q, (num, ready, (desc, driver, device), queue) in zip(self.queues, built, strict=True):
+                q.num, q.ready, q.desc, q.driver, q.device, q.queue = num, ready, desc, driver, device, queue
+        self._ack(0x3)
+        self.raise_interrupt(values["interrupt_status"])
+
+    def resume_after_restore(self) -> None:
+        """Once guest memory holds the snapshot: start a running device again (``activate``) and look at each
+        ready queue once, for buffers the driver made available just before the snapshot."""
+        with self.lock:
+            if not self.running:
+                return
+            self.device.activate()
+        for index, q in enumerate(self.queues):
+            if q.queue is not None:
+                self.notify(index)
 
     def close(self) -> None:
         """Release the device's host resources (its files)."""

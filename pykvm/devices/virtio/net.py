@@ -131,6 +131,24 @@ class Net(VirtioDevice):
                 flags |= TUN_F_TSO4
         return flags
 
+    def state(self) -> dict:
+        """The card as the guest knows it (for a snapshot): the host TAP's name and the MAC (hex). A restore
+        opens the TAP of that name again. ValueError while a received frame waits for the driver's buffers
+        (the chains held for it are out of the rings): resume and snapshot again."""
+        if self._held or self._pending:
+            raise ValueError("the virtio-net card holds a received frame waiting for the guest's buffers: "
+                             "resume, let the guest take it and snapshot again")
+        return {"tap": getattr(self.tap, "name", None), "mac": self.mac.hex()}
+
+    def load_state(self, state: dict) -> None:
+        """Check that this card is the one :meth:`state` recorded (TAP name and MAC); ValueError otherwise."""
+        try:
+            tap, mac = state["tap"], state["mac"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"virtio-net state is malformed: {e!r}") from None
+        if tap != getattr(self.tap, "name", None) or mac != self.mac.hex():
+            raise ValueError(f"virtio-net state is for TAP {tap!r} with MAC {mac!r}, not this card's")
+
     def activate(self) -> None:
         self._set_offload(self.offloads())
         self._held = []
