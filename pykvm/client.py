@@ -120,6 +120,8 @@ def add_parsers(sub, size_type, int_type) -> None:
     d.add_argument("--memory-budget", type=size_type, default=None, metavar="SIZE",
                    help="guest RAM + VMM overhead the running VMs may hold (default: available memory - 256M)")
     d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d.add_argument("--no-jail", action="store_true",
+                   help="start VMMs unjailed (as root they are jailed by default: pykvm.jail); logged")
 
     p = verb("ps", "list VMs", ids=False)
     p.add_argument("-a", "--all", action="store_true", help="also VMs that are not running")
@@ -226,7 +228,7 @@ def cmd_daemon(args) -> int:
     sock = socket_from_host(args.socket) if args.socket else default_socket()
     state = Path(args.state_dir) if args.state_dir else default_state_dir()
     try:
-        asyncio.run(serve(sock, state, args.memory_budget))
+        asyncio.run(serve(sock, state, args.memory_budget, jail=not args.no_jail))
     except KeyboardInterrupt:
         pass
     return 0
