@@ -30,9 +30,11 @@ def has_jail() -> bool:
     return importlib.util.find_spec("pykvm.jail") is not None
 
 
-def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None) -> list[str]:
+def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None, net: dict | None = None) -> list[str]:
     """``python -m pykvm run ...`` for ``spec``; ``fd_paths`` maps "kernel", "initrd", "drive0"... to the
-    ``/proc/self/fd/N`` names of descriptors opened with the owner's permissions."""
+    ``/proc/self/fd/N`` names of descriptors opened with the owner's permissions. ``net``: the VM's
+    NetworkSettings (:mod:`pykvm.engine.network`): a virtio-net card on its TAP and, for a Linux
+    kernel, ``ip=`` on its command line."""
     if spec.get("FromSnapshot"):     # an empty VMM that PUT /snapshot/load fills (see Backend.start)
         return [sys.executable, "-m", "pykvm", "vmm", "--api-sock", str(api_sock)]
     argv = [sys.executable, "-m", "pykvm", "run", "-q", "-m", f"{int(spec['MemoryMiB'])}M",
@@ -41,8 +43,12 @@ def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None) -> list[str]:
         argv += ["-k", fd_paths["kernel"]]
         if spec.get("Initrd"):
             argv += ["-i", fd_paths["initrd"]]
-        if spec.get("Cmdline"):
-            argv += ["-p", spec["Cmdline"]]
+        cmdline = spec.get("Cmdline") or ""
+        if net is not None:
+            from .network import kernel_ip_arg
+            cmdline = f"{cmdline} {kernel_ip_arg(net)}".strip()
+        if cmdline:
+            argv += ["-p", cmdline]
     elif spec.get("ImageFile"):
         argv.append(fd_paths["image"])
     else:
@@ -51,6 +57,8 @@ def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None) -> list[str]:
         argv += ["--drive", fd_paths[f"drive{n}"] + (",readonly" if drive.get("ReadOnly") else "")]
     if spec.get("Rng"):
         argv.append("--rng")
+    if net is not None:
+        argv += ["--net", f"tap={net['Tap']},mac={net['MacAddress']}"]
     if spec.get("Console", "uart") != "uart":
         argv += ["--console", spec["Console"]]
     if api_sock is not None:
