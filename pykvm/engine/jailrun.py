@@ -7,7 +7,8 @@ needs that the command line does not give:
 
 - the files the daemon opened with its caller's permissions reach the VMM as ``/proc/self/fd/N``:
   those descriptors are kept across the jail's closing of inherited descriptors (``keep_fds``),
-  so the jailed VMM opens exactly what the caller was allowed to open, never a path again;
+  so the jailed VMM opens exactly what the caller was allowed to open, never a path again; they
+  are therefore not bind-mounted into its root (it needs no name for them);
 - before entering the jail, the jailed process writes ``VMDIR/jail.json`` (its host pid, uid,
   gid, jail id and root directory) for ``pykvm inspect`` and the tests.
 
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from ..jail import spawn
         config = cli._jail_config(run)
+        # The files come as descriptors: the VMM reads them through those, opened before it enters the
+        # jail, so its root needs no name for them (and a bind mount from /proc/self/fd/N, whose mount is
+        # in the host's namespace, is refused by mount(2) in the jail's new one: EINVAL).
+        config.files = [f for f in config.files if not f.path.startswith("/proc/self/fd/")]
         result = spawn(config, target, keep_fds=keep)
     except PykvmError as e:
         cli._say(str(e))
