@@ -7,8 +7,10 @@ namespace; removing them frees their TAPs and addresses."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -58,9 +60,18 @@ def _wait_log(daemon: Daemon, ref: str, text: str, timeout: float) -> None:
                 f"\n-- daemon log:\n{(daemon.dir / 'daemon.log').read_text()[-3000:]}")
 
 
-def _send(daemon: Daemon, ref: str, text: str) -> None:
-    r = daemon.pykvm("attach", ref, input=text.encode())
-    assert r.returncode == 0, r.stderr
+def _send(daemon: Daemon, ref: str, text: str, answer: str, timeout: float) -> None:
+    """Type ``text`` on ``ref``'s console through `pykvm attach` and wait for ``answer`` in its log."""
+    attach = subprocess.Popen([sys.executable, "-m", "pykvm", "attach", ref], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, **daemon.env))
+    try:
+        attach.stdin.write(text.encode())
+        attach.stdin.flush()
+        _wait_log(daemon, ref, answer, timeout)
+    finally:
+        attach.kill()
+        attach.wait()
+        attach.stdin.close()
 
 
 def _links(ns: netns.Netns) -> str:
@@ -94,8 +105,7 @@ def test_two_vms_on_the_bridge_reach_each_other_and_the_host():
                 _wait_log(d, name, "pykvm-linux: init ready", BOOT_WAIT)
             assert f"addr={a['IPAddress']}," in _logs(d, "neta")       # the kernel's IP-Config took ip=
             # A pings B; the daemon's namespace pings both
-            _send(d, "neta", f"ping -c 3 -W 10 {b['IPAddress']} && echo peer-ok-$((40+2))\n")
-            _wait_log(d, "neta", "peer-ok-42", 120)
+            _send(d, "neta", f"ping -c 3 -W 10 {b['IPAddress']} && echo peer-ok-$((40+2))\n", "peer-ok-42", 120)
             for vm in (a, b):
                 r = ns.run(["busybox", "ping", "-c", "2", "-W", "10", vm["IPAddress"]], timeout=60)
                 assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
