@@ -46,7 +46,7 @@ def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None, net: dict | None
         cmdline = spec.get("Cmdline") or ""
         if net is not None:
             from .network import kernel_ip_arg
-            cmdline = f"{cmdline}".strip()  # BREAK
+            cmdline = f"{cmdline} {kernel_ip_arg(net)}".strip()
         if cmdline:
             argv += ["-p", cmdline]
     elif spec.get("ImageFile"):
