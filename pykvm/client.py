@@ -123,6 +123,13 @@ def add_parsers(sub, size_type, int_type) -> None:
     d.add_argument("--memory-budget", type=size_type, default=None, metavar="SIZE",
                    help="guest RAM + VMM overhead the running VMs may hold (default: available memory - 256M)")
     d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d.add_argument("--bridge", default="pykvm0", metavar="NAME",
+                   help="the bridge VMs created with --net join (made on the first such VM; default pykvm0)")
+    d.add_argument("--subnet", default="192.0.2.0/24", metavar="CIDR",
+                   help="the bridge's subnet: its first address is the bridge's, the next ones the VMs' "
+                        "(default 192.0.2.0/24)")
+    d.add_argument("--no-jail", action="store_true",
+                   help="start VMMs unjailed (as root they are jailed by default: pykvm.jail); logged")
 
     p = verb("ps", "list VMs", ids=False)
     p.add_argument("-a", "--all", action="store_true", help="also VMs that are not running")
@@ -135,6 +142,9 @@ def add_parsers(sub, size_type, int_type) -> None:
     c.add_argument("--name")
     c.add_argument("--from-snapshot", metavar="VM:SNAPSHOT", help="start from a snapshot taken with `pykvm snapshot`")
     add_vm_options(c, size_type, int_type)
+    c.add_argument("--net", action="store_true",
+                   help="a network card on the daemon's bridge, with an address (shown by inspect; a Linux kernel "
+                        "gets it with ip=)")
     sn = verb("snapshot", "a full snapshot of a running or paused VM (restore: create --from-snapshot VM:NAME)",
               many=False)
     sn.add_argument("name", help="the snapshot's name")
@@ -176,6 +186,12 @@ def spec_from_args(args) -> dict:
     from .boot import bundled
     spec: dict = {"MemoryMiB": max(1, args.mem >> 20), "Vcpus": args.cpus, "Rng": bool(args.rng),
                   "Console": args.console}
+    net = getattr(args, "net", False)
+    if net is True or net == ["bridge"]:       # create --net; run -d --net bridge
+        spec["Network"] = True
+    elif net:
+        raise UsageError("with -d, --net takes only `bridge` (a card on the daemon's bridge): the daemon makes "
+                         "the TAPs")
     if args.kernel:
         if args.image:
             raise UsageError(f"give either a guest ({args.image}) or --kernel, not both")
@@ -224,13 +240,15 @@ def cmd_daemon(args) -> int:
     import asyncio
     import logging
 
+    from .engine.network import Bridge
     from .engine.paths import default_socket, default_state_dir, socket_from_host
     from .engine.server import serve
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s pykvm daemon: %(message)s")
     sock = socket_from_host(args.socket) if args.socket else default_socket()
     state = Path(args.state_dir) if args.state_dir else default_state_dir()
     try:
-        asyncio.run(serve(sock, state, args.memory_budget))
+        bridge = Bridge(args.bridge, args.subnet)      # UsageError (status 2) for a bad name or subnet
+        asyncio.run(serve(sock, state, args.memory_budget, jail=not args.no_jail, bridge=bridge))
     except KeyboardInterrupt:
         pass
     return 0

@@ -52,20 +52,22 @@ def crash_guest(tmp_path: Path) -> Path:
 class Daemon:
     """``pykvm daemon`` on a socket in a fresh short temporary directory (sun_path holds 108 bytes)."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, prefix: tuple[str, ...] = ()) -> None:
+        """``extra``: daemon options; ``prefix``: a command the daemon runs under (``ip netns exec NS``)."""
         self.dir = Path(tempfile.mkdtemp(prefix="pkd", dir="/tmp"))
         os.chmod(self.dir, 0o755)
         self.socket = self.dir / "pykvm.sock"
         self.state = self.dir / "state"
         self.extra = list(extra)
+        self.prefix = list(prefix)
         self.env = {"PYKVM_HOST": f"unix://{self.socket}"}
         self.proc: subprocess.Popen | None = None
         self.shims: set[int] = set()
 
     def start(self) -> None:
         self.log = open(self.dir / "daemon.log", "ab")   # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "pykvm", "daemon", "--socket", str(self.socket),
-                                      "--state-dir", str(self.state), *self.extra], cwd=ROOT,
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "pykvm", "daemon", "--socket",
+                                      str(self.socket), "--state-dir", str(self.state), *self.extra], cwd=ROOT,
                                      stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -27,6 +27,18 @@ def daemon():
         d.close()
 
 
+@pytest.fixture
+def unjailed_daemon():
+    """For the tests that need the VMM's own API (pause, stats, snapshots, top's exit counts): a jailed
+    VMM serves none yet (README, "The engine"), so these run their daemon with --no-jail."""
+    d = Daemon("--no-jail")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
 def curl(daemon: Daemon, *args: str) -> tuple[int, str]:
     """``curl --unix-socket``: (HTTP status, body)."""
     if shutil.which("curl") is None:
@@ -305,7 +317,8 @@ def test_half_open_and_slow_clients_do_not_stop_the_daemon(daemon):
 
 
 @needs_kvm
-def test_pause_stats_snapshot_and_restore_in_a_new_vmm(daemon, tmp_path):
+def test_pause_stats_snapshot_and_restore_in_a_new_vmm(unjailed_daemon, tmp_path):
+    daemon = unjailed_daemon
     with daemon.http() as c:
         if not c.get("/info").json()["VmmApi"]:
             pytest.skip("this pykvm has no per-VM API (pykvm run --api-sock)")
@@ -340,7 +353,8 @@ def test_pause_stats_snapshot_and_restore_in_a_new_vmm(daemon, tmp_path):
 
 
 @needs_kvm
-def test_follow_logs_live_events_and_top(daemon, tmp_path):
+def test_follow_logs_live_events_and_top(unjailed_daemon, tmp_path):
+    daemon = unjailed_daemon
     env = dict(os.environ, **daemon.env)
     # --since replays what happened before the stream was connected, then it goes on live
     events = subprocess.Popen([*_pykvm(), "events", "--since", str(time.time() - 1), "-f", "vm=live"],

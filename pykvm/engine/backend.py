@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from .. import __version__
-from . import logs
+from . import logs, network
 from .access import Caller, Forbidden, open_as
 from .store import BadRequest, Conflict, NotFound, Store, Vm, check_name, new_id
-from .vmm import VmmApi, VmmError, has_vmm_api, launch_shim, vmm_argv
+from .vmm import VmmApi, VmmError, has_jail, has_vmm_api, jailed_argv, launch_shim, vmm_argv
 
 log = logging.getLogger("pykvm.engine")
 
@@ -65,8 +65,22 @@ def charge(vm: Vm) -> int:
 class Backend:
     """Every operation the API offers, on the records of ``store``."""
 
-    def __init__(self, state_dir: Path, memory_budget: int | None = None) -> None:
+    def __init__(self, state_dir: Path, memory_budget: int | None = None, jail: bool = True,
+                 bridge: network.Bridge | None = None) -> None:
+        """``jail``: start every VMM jailed (issue 13, part 4) -- possible only as root with
+        pykvm.jail installed; otherwise, and with ``--no-jail``, VMMs run unjailed and the log says so."""
         self.state_dir = state_dir
+        self.jail = jail and has_jail() and os.geteuid() == 0
+        if self.jail:
+            log.info("VMMs run jailed (pykvm.jail): own namespaces, cgroup, root directory, uid and seccomp filter")
+        elif not jail:
+            log.warning("--no-jail: VMMs run unjailed, with the daemon's privileges (root: %s)", os.geteuid() == 0)
+        else:
+            log.warning("VMMs run unjailed: %s", "pykvm.jail is not installed" if not has_jail() else
+                        "jailing needs root (namespaces, cgroups, setuid)")
+        self.jail_base = state_dir / "jail"
+        self.bridge = bridge or network.Bridge()
+        self.bridge_ready = False
         self.vms_dir = state_dir / "vms"
         self.vms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = Store(state_dir / "pykvm.db")
@@ -83,6 +97,7 @@ class Backend:
         """Re-adopt the VMs whose shims outlived a previous daemon; mark the others with how they ended."""
         running = 0
         for vm in self.store.all():
+            self.bridge.learn(self.vmdir(vm.id))
             if vm.state not in ("running", "paused"):
                 continue
             if vm.shim_pid and proc_start_time(vm.shim_pid) == vm.shim_start and self._watch(vm):
@@ -158,10 +173,32 @@ class Backend:
             vm_id = new_id()
         vm = Vm(id=vm_id, name=name, spec=spec, state="created", created=time.time(), owner_uid=caller.uid,
                 owner_gid=caller.gid, owner_groups=list(caller.groups))
+        vmdir = self.vmdir(vm.id)
+        vmdir.mkdir(mode=0o700)
+        if spec.get("Network"):
+            try:
+                self._attach_network(vm.id, vmdir)
+            except BaseException:
+                shutil.rmtree(vmdir, ignore_errors=True)
+                raise
         self.store.insert(vm)
-        (self.vmdir(vm.id)).mkdir(mode=0o700)
         self.event("create", vm)
         return vm
+
+    def _attach_network(self, vm_id: str, vmdir: Path) -> None:
+        """A TAP on the daemon's bridge and an address (the bridge is made on the first VM that asks, so
+        a daemon whose VMs have no network never touches the host's links)."""
+        if os.geteuid() != 0:
+            raise BadRequest("a VM on the daemon's bridge needs a daemon running as root (bridges and TAPs)")
+        try:
+            if not self.bridge_ready:
+                self.bridge.setup()
+                self.bridge_ready = True
+            settings = self.bridge.attach(vm_id, vmdir)
+        except network.NetworkError as e:
+            raise Conflict(str(e)) from None
+        log.info("VM %s: TAP %s on %s, address %s", vm_id[:12], settings["Tap"], settings["Bridge"],
+                 settings["IPAddress"])
 
     def _open_files(self, owner: Caller, spec: dict) -> dict[str, int]:
         """Every host file the spec names, opened as ``owner``: {"kernel": fd, "drive0": fd, ...}."""
@@ -202,7 +239,21 @@ class Backend:
             "HostConfig": {"Memory": vm.mem_bytes, "NanoCpus": int(vm.spec.get("Vcpus", 1)) * 10**9},
             "LogPath": str(self.vmdir(vm.id) / "console.log"), "ApiSocket": vm.api_sock or "",
             "Owner": {"Uid": vm.owner_uid, "Gid": vm.owner_gid},
+            "Jail": self._jail_info(vm),
+            "NetworkSettings": network.load(self.vmdir(vm.id)) or {},
         }
+
+    def _jail_info(self, vm: Vm) -> dict:
+        """Whether ``vm``'s VMM runs jailed, and as which uid/gid and host pid (``jail.json``, written by
+        :mod:`pykvm.engine.jailrun` before the VMM enters its jail)."""
+        if vm.state not in ("running", "paused"):
+            return {"Jailed": False}
+        try:
+            record = json.loads((self.vmdir(vm.id) / "jail.json").read_text())
+            return {"Jailed": True, "Uid": int(record["Uid"]), "Gid": int(record["Gid"]), "Pid": int(record["Pid"]),
+                    "Id": str(record["Id"]), "Root": str(record["Root"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"Jailed": False}
 
     def summary(self, vm: Vm) -> dict:
         """One entry of ``GET /vms/json`` (Docker's container list shape)."""
@@ -255,13 +306,21 @@ class Backend:
             fds = self._open_files(owner, vm.spec)
             vmdir = self.vmdir(vm.id)
             vmdir.mkdir(mode=0o700, exist_ok=True)
-            api_sock = vmdir / "api.sock" if has_vmm_api() else None
             restoring = bool(vm.spec.get("FromSnapshot"))
+            # A jailed VMM serves no API socket: it would bind it after the pivot, in a read-only root
+            # and under a seccomp filter without socket calls (see the README's engine section).
+            jailed = self.jail and not restoring
+            api_sock = vmdir / "api.sock" if has_vmm_api() and not jailed else None
             if restoring and api_sock is None:
                 raise Conflict("this pykvm has no per-VM API, so it cannot restore a snapshot")
             if api_sock is not None:
                 api_sock.unlink(missing_ok=True)
-            argv = vmm_argv(vm.spec, {k: f"/proc/self/fd/{fd}" for k, fd in fds.items()}, api_sock)
+            argv = vmm_argv(vm.spec, {k: f"/proc/self/fd/{fd}" for k, fd in fds.items()}, api_sock,
+                            network.load(vmdir) if vm.spec.get("Network") else None)
+            if jailed:
+                argv = jailed_argv(argv, vmdir, self.jail_base)
+            elif self.jail:
+                log.warning("VM %s restores a snapshot: its VMM (`pykvm vmm`) runs unjailed", vm.name)
             try:
                 proc = launch_shim(vmdir, argv, list(fds.values()))
             finally:
@@ -428,6 +487,7 @@ class Backend:
             await self.kill(vm.id)
         async with self._lock(vm.id):
             self.store.delete(vm.id)
+            self.bridge.detach(self.vmdir(vm.id))
             shutil.rmtree(self.vmdir(vm.id), ignore_errors=True)
             self.event("destroy", vm)
         self.locks.pop(vm.id, None)

@@ -61,6 +61,8 @@ class CreateRequest(BaseModel):
     Drives: list[Drive] = Field(default_factory=list, max_length=16)
     Rng: bool = False
     Console: Literal["uart", "virtio"] = "uart"
+    Network: bool = Field(default=False, description="a virtio-net card on a TAP on the daemon's bridge, and an "
+                          "address (a Linux kernel gets it with ip=)")
     FromSnapshot: SnapshotRef | None = Field(default=None, description="start from this snapshot of a VM")
 
     @field_validator("Image")

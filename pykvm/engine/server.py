@@ -164,7 +164,8 @@ def bind_socket(path: Path) -> socket.socket:
     return sock
 
 
-async def serve(socket_path: Path, state_dir: Path, memory_budget: int | None) -> None:
+async def serve(socket_path: Path, state_dir: Path, memory_budget: int | None, jail: bool = True,
+                bridge=None) -> None:
     """Run the daemon until SIGINT/SIGTERM; the VMs keep running after it."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
@@ -174,7 +175,7 @@ async def serve(socket_path: Path, state_dir: Path, memory_budget: int | None) -
     except BlockingIOError:
         lock.close()
         raise UsageError(f"another pykvm daemon uses the state directory {state_dir}") from None
-    backend = Backend(state_dir, memory_budget)
+    backend = Backend(state_dir, memory_budget, jail=jail, bridge=bridge)
     sock = None
     try:
         await backend.adopt()

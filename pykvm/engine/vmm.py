@@ -1,9 +1,8 @@
 """Starting one VMM and talking to its per-VM API (issue 12, part 3).
 
-``vmm_argv`` turns a VM's spec into the VMM's command line; ``launch_shim`` is the one place a VMM
-process is started (through its shim), and therefore the seam for isolation: when the daemon runs
-as root and pykvm's jailer (issue 13, ``pykvm.jail``) is installed, the VMM's argv is wrapped by it
-there; until then, VMMs run unjailed and the daemon says so once in its log.
+``vmm_argv`` turns a VM's spec into the VMM's command line; ``jailed_argv`` wraps it in the jail
+(issue 13, part 4: :mod:`pykvm.engine.jailrun`, used when the daemon runs as root without
+``--no-jail``); ``launch_shim`` is the one place a VMM process is started (through its shim).
 ``VmmApi`` speaks Firecracker's API (PUT /actions, PATCH /vm, PUT /snapshot/create ...) to the
 VMM's own socket when the VMM has one.
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +30,11 @@ def has_jail() -> bool:
     return importlib.util.find_spec("pykvm.jail") is not None
 
 
-def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None) -> list[str]:
+def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None, net: dict | None = None) -> list[str]:
     """``python -m pykvm run ...`` for ``spec``; ``fd_paths`` maps "kernel", "initrd", "drive0"... to the
-    ``/proc/self/fd/N`` names of descriptors opened with the owner's permissions."""
+    ``/proc/self/fd/N`` names of descriptors opened with the owner's permissions. ``net``: the VM's
+    NetworkSettings (:mod:`pykvm.engine.network`): a virtio-net card on its TAP and, for a Linux
+    kernel, ``ip=`` on its command line."""
     if spec.get("FromSnapshot"):     # an empty VMM that PUT /snapshot/load fills (see Backend.start)
         return [sys.executable, "-m", "pykvm", "vmm", "--api-sock", str(api_sock)]
     argv = [sys.executable, "-m", "pykvm", "run", "-q", "-m", f"{int(spec['MemoryMiB'])}M",
@@ -43,8 +43,12 @@ def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None) -> list[str]:
         argv += ["-k", fd_paths["kernel"]]
         if spec.get("Initrd"):
             argv += ["-i", fd_paths["initrd"]]
-        if spec.get("Cmdline"):
-            argv += ["-p", spec["Cmdline"]]
+        cmdline = spec.get("Cmdline") or ""
+        if net is not None:
+            from .network import kernel_ip_arg
+            cmdline = f"{cmdline} {kernel_ip_arg(net)}".strip()
+        if cmdline:
+            argv += ["-p", cmdline]
     elif spec.get("ImageFile"):
         argv.append(fd_paths["image"])
     else:
@@ -53,6 +57,8 @@ def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None) -> list[str]:
         argv += ["--drive", fd_paths[f"drive{n}"] + (",readonly" if drive.get("ReadOnly") else "")]
     if spec.get("Rng"):
         argv.append("--rng")
+    if net is not None:
+        argv += ["--net", f"tap={net['Tap']},mac={net['MacAddress']}"]
     if spec.get("Console", "uart") != "uart":
         argv += ["--console", spec["Console"]]
     if api_sock is not None:
@@ -60,20 +66,21 @@ def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None) -> list[str]:
     return argv
 
 
-_warned_unjailed = False
+def jailed_argv(argv: list[str], vmdir: Path, chroot_base: Path) -> list[str]:
+    """``argv`` (a ``pykvm run`` from :func:`vmm_argv`) started in a jail by :mod:`pykvm.engine.jailrun`:
+    the jail's id is the VM directory's name (hex digits, as the jail's id rule wants)."""
+    if argv[1:4] != ["-m", "pykvm", "run"]:
+        raise ValueError("only a `pykvm run` VMM can be jailed")
+    return [sys.executable, "-m", "pykvm.engine.jailrun", str(vmdir), vmdir.name, str(chroot_base), "--",
+            *argv[3:]]
 
 
 def launch_shim(vmdir: Path, argv: list[str], pass_fds: list[int]) -> subprocess.Popen:
     """Start the shim that starts the VMM (see :mod:`pykvm.engine.shim`), in a new session so neither
-    outlives nor dies with the daemon by accident. The jailer seam: see the module docstring."""
-    global _warned_unjailed
-    if os.geteuid() == 0 and not _warned_unjailed:
-        _warned_unjailed = True
-        log.warning("VMMs run without the jailer (pykvm.jail %s)",
-                    "is present but not wired yet" if has_jail() else "is not installed")
+    outlives nor dies with the daemon by accident."""
     import json
     (vmdir / "shim.json").write_text(json.dumps({"argv": argv, "pass_fds": pass_fds}))
-    for name in ("exit.json", "vmm.pid"):
+    for name in ("exit.json", "vmm.pid", "jail.json"):
         (vmdir / name).unlink(missing_ok=True)
     with open(vmdir / "shim.log", "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "pykvm.engine.shim", str(vmdir)], stdin=subprocess.DEVNULL,

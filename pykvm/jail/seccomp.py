@@ -61,6 +61,9 @@ KVM_SETUP_ONLY = {"KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIS
                   "KVM_SET_CPUID2"}
 # termios(3) requests (asm-generic/ioctls.h) the console issues on a terminal
 TERMINAL_IOCTLS = {"TCGETS": 0x5401, "TCSETSW": 0x5403, "TCSETSF": 0x5404}
+# TUNSETOFFLOAD (_IOW('T', 208, unsigned int)): virtio-net tells its TAP the offloads the guest's driver
+# accepted when the driver activates the device -- after the jail (pykvm/devices/tap.py)
+TAP_IOCTLS = {"TUNSETOFFLOAD": 0x400454D0}
 DIE_STATUS = 0x5ECC0   # exit_group(DIE_STATUS) is killed by the filter: death by SIGSYS
 CLONE_THREAD = 0x00010000
 ENOSYS = 38
@@ -103,7 +106,7 @@ def build(mode: str = "kill"):
     filt.set_attr(sc.Attr.CTL_TSYNC, 1)
     for name in ALLOWED:
         filt.add_rule(sc.ALLOW, name)
-    for request in sorted({*kvm_ioctls().values(), *TERMINAL_IOCTLS.values()}):
+    for request in sorted({*kvm_ioctls().values(), *TERMINAL_IOCTLS.values(), *TAP_IOCTLS.values()}):
         filt.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFF_FFFF, request))
     filt.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
     filt.add_rule(sc.ERRNO(ENOSYS), "clone3")
@@ -114,7 +117,8 @@ def build(mode: str = "kill"):
 
 def counts() -> dict[str, int]:
     """How much the filter allows: system calls, and ioctl requests (KVM, terminal)."""
-    return {"syscalls": len(ALLOWED) + 3, "kvm_ioctls": len(kvm_ioctls()), "terminal_ioctls": len(TERMINAL_IOCTLS)}
+    return {"syscalls": len(ALLOWED) + 3, "kvm_ioctls": len(kvm_ioctls()), "terminal_ioctls": len(TERMINAL_IOCTLS),
+            "tap_ioctls": len(TAP_IOCTLS)}
 
 
 def syscall_name(nr: int) -> str:
