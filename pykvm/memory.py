@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -260,6 +261,8 @@ def back_with_file(memory: GuestMemory, vm, fd: int, dirty_log: bool = False) ->
     process. The file must hold at least the guest's RAM size (the caller checks). ``dirty_log`` sets
     KVM_MEM_LOG_DIRTY_PAGES on the new slots."""
     from .kvm.constants import KVM_MEM_LOG_DIRTY_PAGES
+    info = os.fstat(fd)
+    memory.backing_file = (info.st_dev, info.st_ino)   # never to be rewritten while it backs this RAM
     for region, offset in ram_regions(memory):
         mm = mmap.mmap(fd, region.size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         vm.set_user_memory_region(region.slot, region.gpa, 0, 0)

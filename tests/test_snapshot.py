@@ -160,3 +160,33 @@ def test_a_machine_with_virtio_devices_snapshots_and_restores_them(tmp_path):
     r = run_pykvm("run", "--restore", state, "--mem-file", mem)
     err = r.stderr.decode()
     assert r.returncode == 2 and "cannot re-create" in err and str(disk) in err and "Traceback" not in err
+
+
+def test_create_never_replaces_what_is_not_a_regular_file_nor_the_memory_it_runs_from(paused_snapshot, tmp_path):
+    """A snapshot's files are written under a temporary name and renamed: aimed at a device node, a FIFO or
+    a directory, that would replace it. Each is refused (400), as are one file for both, and the memory file
+    a restored VM still reads its unwritten pages from; the VM stays paused and resumable."""
+    import os
+    import stat
+    state, mem, before = paused_snapshot
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    vmm = VmmProcess(tmp_path, "second")
+    try:
+        r = vmm.client.put("/snapshot/load", json={"snapshot_path": state, "mem_file_path": mem})
+        assert r.status_code == 204, r.text
+        other = str(tmp_path / "other")
+        for params, words in [({"snapshot_path": str(fifo), "mem_file_path": other}, "not a regular file"),
+                              ({"snapshot_path": other, "mem_file_path": str(fifo)}, "not a regular file"),
+                              ({"snapshot_path": str(tmp_path), "mem_file_path": other}, "not a regular file"),
+                              ({"snapshot_path": other, "mem_file_path": other}, "same file"),
+                              ({"snapshot_path": other, "mem_file_path": mem}, "restored from")]:
+            r = vmm.client.put("/snapshot/create", json=params)
+            assert r.status_code == 400 and words in r.json()["fault_message"], (params, r.text)
+        assert stat.S_ISFIFO(fifo.stat().st_mode)
+        assert vmm.client.get("/").json()["state"] == "Paused"
+        assert vmm.client.patch("/vm", json={"state": "Resumed"}).status_code == 204
+        vmm.wait_output(3)
+        assert_continuous(counting(before + vmm.output()))
+    finally:
+        vmm.close()

@@ -250,6 +250,9 @@ class Vmm:
                 request.future.set_exception(e)
             except PykvmError as e:
                 request.future.set_exception(ApiError(str(e)))
+            except (OSError, ValueError) as e:   # a path or value of the request the host refused
+                self._log(f"{type(request.action).__name__}: {e}")
+                request.future.set_exception(ApiError(_host_refused(e)))
             except Exception as e:   # a bug of ours: the API answers, the VMM stays up
                 import traceback
                 self._log(traceback.format_exc())
@@ -408,9 +411,10 @@ class Vmm:
             raise ApiError('a "Diff" snapshot needs dirty-page tracking: set track_dirty_pages in '
                            "/machine-config before InstanceStart (or in /snapshot/load)")
         for path, what in ((params.mem_file_path, "mem_file_path"), (params.snapshot_path, "snapshot_path")):
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise ApiError(f"{what} {path}: the directory {parent} does not exist")
+            _check_output_path(path, what)
+        if os.path.realpath(params.mem_file_path) == os.path.realpath(params.snapshot_path):
+            raise ApiError(f"mem_file_path and snapshot_path name the same file ({params.snapshot_path}): "
+                           "give the memory and the state two files")
         source = self.boot_source
         files = [p for p in (source.kernel_image_path, source.initrd_path) if p] if source is not None else []
         state = machine_state.capture(self.machine, files=files)
@@ -456,6 +460,34 @@ class Vmm:
 def _root_first(drives):
     drives = list(drives)
     return [d for d in drives if d.is_root_device] + [d for d in drives if not d.is_root_device]
+
+
+def _host_refused(e: Exception) -> str:
+    """One sentence for an OSError or ValueError a request's path or value caused (e.g. ENOSPC on a
+    metrics file, a NUL byte in a path): the request was bad, not the VMM."""
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return f"the host refused the request: {e.strerror or e}{where}"
+    return f"the request cannot be carried out: {e}"
+
+
+def _check_output_path(path: str, what: str) -> None:
+    """A file a snapshot will (re)write: its directory must exist, and whatever is there already must
+    be a regular file (the file is written under a temporary name and renamed over the target, which
+    would replace a device node, a FIFO or a directory)."""
+    if "\0" in path:
+        raise ApiError(f"{what} contains a NUL byte")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ApiError(f"{what} {path}: the directory {parent} does not exist")
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ApiError(f"{what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ApiError(f"{what} {path} exists and is not a regular file: a snapshot replaces only regular files")
 
 
 def _check_file(path: str, what: str) -> None:

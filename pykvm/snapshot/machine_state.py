@@ -242,6 +242,14 @@ def write_memory(machine, mem_path: str, diff: bool) -> int:
     the full file with :func:`apply_diff`). Returns the bytes of data written."""
     total = ram_size(machine)
     written = 0
+    try:
+        target = os.stat(mem_path)
+    except FileNotFoundError:
+        target = None
+    if target is not None and (target.st_dev, target.st_ino) == getattr(machine.memory, "backing_file", None):
+        # Its unwritten pages are still read from that file (MAP_PRIVATE): truncating it would change the guest.
+        raise SnapshotError(f"{mem_path} is the memory file this VM was restored from and still reads; "
+                            "write the new snapshot's memory to another file")
     fd = os.open(mem_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, total)
