@@ -20,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from .errors import PykvmError
+from .errors import PykvmError, UsageError
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -89,7 +89,12 @@ class GuestMemory:
         self.regions: list[Region] = []
         for slot, (gpa, length) in enumerate(ram_layout(size)):
             # MAP_NORESERVE: a large guest costs nothing until it touches its pages.
-            mm = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            try:
+                mm = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            except OSError as e:   # the host's overcommit policy refused: never a traceback
+                self.close()
+                raise UsageError(f"the host cannot give this guest {size >> 20} MiB of RAM ({e.strerror}); "
+                                       "ask for less memory") from None
             self.regions.append(Region(gpa, length, slot, mm, memoryview(mm)))
         self._starts = [r.gpa for r in self.regions]
 

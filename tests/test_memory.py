@@ -102,3 +102,20 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_ram_the_host_refuses_is_a_usage_error_not_a_traceback(monkeypatch):
+    """mmap's ENOMEM (the host's overcommit policy: `pykvm run -m 48G` on a 24 GiB host) is one
+    sentence and status 2, with nothing left mapped."""
+    import errno
+    import mmap
+
+    from pykvm.errors import UsageError
+    from pykvm.memory import GuestMemory
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with pytest.raises(UsageError, match="cannot give this guest 49152 MiB") as e:
+        GuestMemory(48 << 30)
+    assert e.value.exit_status == 2

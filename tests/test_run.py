@@ -269,3 +269,18 @@ def test_help_and_list_load_neither_cffi_nor_capstone(args):
     loaded = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
     assert "pykvm.cli" in loaded
     assert not [m for m in loaded if m.split(".")[0] in ("cffi", "_cffi_backend", "capstone")], loaded
+
+
+@needs_kvm
+def test_bytes_that_are_not_utf8_pass_through_to_the_guest(tmp_path):
+    """A command line or a kernel file name with a byte that is not UTF-8 (Python holds it as a
+    surrogate) boots, and the guest gets the byte as given: mbinfo prints its Multiboot command line,
+    one '.' per byte it cannot show (so a re-encoded byte, e.g. U+FFFD's three, would show as more)."""
+    import os
+    kernel = os.fsencode(tmp_path) + b"/k\xff.elf"
+    with open(kernel, "wb") as f:
+        f.write((ROOT / "guests" / "mbinfo.elf").read_bytes())
+    r = subprocess.run([sys.executable, "-m", "pykvm", "run", "-k", kernel, "-p", b"a\xffb"], capture_output=True,
+                       timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert r.returncode == 33, r.stderr.decode(errors="replace")
+    assert b"/k..elf a.b\n" in r.stdout, r.stdout

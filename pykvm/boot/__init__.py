@@ -86,10 +86,12 @@ PAGE = 0x1000
 
 
 def c_string(text: str, what: str, name: str) -> bytes:
-    """``text`` as NUL-terminated UTF-8. Raises BootError if it contains a NUL (``what``/``name`` say where)."""
+    """``text`` as NUL-terminated UTF-8; bytes that were not UTF-8 on the command line or in a file name
+    (Python's surrogateescape) go through unchanged, as the user gave them. Raises BootError if it
+    contains a NUL (``what``/``name`` say where)."""
     if "\0" in text:
         raise BootError(f"{name}: {what} {text!r} contains a NUL character, which would cut it short")
-    return text.encode("utf-8") + b"\0"
+    return text.encode("utf-8", "surrogateescape") + b"\0"
 
 
 def ram_below_4g(mem_size: int) -> list[tuple[int, int]]:

@@ -93,7 +93,7 @@ class FwCfg:
 
     def set_boot(self, kernel: bytes = b"", initrd: bytes = b"", cmdline: str = "") -> None:
         """Offer the kernel, initrd and command line of a direct boot (sizes and data items)."""
-        cmdline_data = cmdline.encode() + b"\0"
+        cmdline_data = cmdline.encode("utf-8", "surrogateescape") + b"\0"   # non-UTF-8 argv bytes as given
         with self._lock:
             self._items.update({
                 FW_CFG_KERNEL_SIZE: struct.pack("<I", len(kernel)),

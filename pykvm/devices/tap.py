@@ -60,7 +60,7 @@ class TapError(UsageError):
 
 def check_name(name: str) -> None:
     """Refuse a name Linux could not give an interface (empty, too long, '/', blanks)."""
-    if not name or len(name.encode()) >= IFNAMSIZ or name in (".", "..") \
+    if not name or len(name.encode("utf-8", "surrogateescape")) >= IFNAMSIZ or name in (".", "..") \
             or any(c in name for c in "/: \t\n\0"):
         raise TapError(f"{name!r} is not a network interface name (1 to {IFNAMSIZ - 1} characters, "
                        "no '/', ':' or blanks)")
@@ -92,7 +92,8 @@ class Tap:
             raise TapError(f"cannot open {TUN_PATH} for TAP {name}: {e.strerror} (is the tun module "
                            "loaded, and may this user open it?)") from None
         try:
-            fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+            raw = name.encode("utf-8", "surrogateescape")
+            fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(raw, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
             fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
         except OSError as e:
