@@ -601,7 +601,7 @@ def _backend() -> str:
     module = host_backend()
     if module == "kvm_pvm":
         return module + (" (not hardware virtualization: CPL0 guest code is emulated; paging only in long mode;"
-                         " see PLATFORM notes in the README)")
+                         " see \"This host's KVM: what it limits\" in the README)")
     return module
 
 
