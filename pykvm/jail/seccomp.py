@@ -40,12 +40,13 @@ from .config import JailError
 # from reading the code: fdatasync (virtio-blk without VIRTIO_BLK_F_FLUSH is write-through), brk
 # and mremap (glibc's malloc growing the heap or a large block), readv and writev (virtio-net's
 # receive and transmit on the TAP). rt_sigtimedwait: a vCPU thread consumes its pending kick
-# (SIGUSR1, blocked outside KVM_RUN) with it. ioctl, clone and exit_group are
+# (SIGUSR1, blocked outside KVM_RUN) with it. pipe2: the host console's wake pipe, made when the
+# console starts, after the jail (a pipe opens nothing on the host). ioctl, clone and exit_group are
 # allowed with conditions on their arguments (see build).
 ALLOWED = (
     # the exit loop, devices and the console: I/O on descriptors opened before the jail
     "read", "write", "readv", "writev", "preadv2", "pwritev2", "fsync", "fdatasync", "close", "newfstatat",
-    "poll", "pselect6",
+    "poll", "pselect6", "pipe2",
     # the interpreter: memory, threads, locks, time, signals, randomness (virtio-rng: os.urandom)
     "mmap", "munmap", "mprotect", "madvise", "mremap", "brk",
     "futex", "set_robust_list", "rseq", "clock_nanosleep",
