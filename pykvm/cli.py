@@ -680,6 +680,7 @@ def _config_actions(path: str) -> list:
         actions.append(c.PutMachineConfig(config.machine_config))
     actions.append(c.PutBootSource(config.boot_source))
     actions += [c.PutDrive(d) for d in config.drives]
+    actions += [c.PutNetworkInterface(n) for n in config.network_interfaces]
     if config.entropy is not None:
         actions.append(c.PutEntropy(config.entropy))
     if config.logger is not None:

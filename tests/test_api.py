@@ -190,3 +190,25 @@ def test_run_with_api_sock_serves_the_running_guest(tmp_path):
 def test_snapshot_and_config_options_misused(args, words):
     r = run_pykvm("run", *args)
     assert r.returncode == 2 and words in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_network_interfaces_are_validated_and_listed(vmm, tmp_path):
+    """PUT /network-interfaces/{iface_id} (Firecracker's names): a bad body is a 400 naming what is
+    wrong; a good one is listed by GET /vm/config; a TAP that does not exist fails InstanceStart with
+    400, and the VMM stays unstarted."""
+    c = vmm.client
+    url = "/network-interfaces/eth0"
+    assert "differs" in fault(c.put(url, json={"iface_id": "eth1", "host_dev_name": "tap0"}))
+    assert "multicast" in fault(c.put(url, json={"iface_id": "eth0", "host_dev_name": "tap0",
+                                                 "guest_mac": "01:00:00:00:00:01"}))
+    assert "rx_rate_limiter" in fault(c.put(url, json={"iface_id": "eth0", "host_dev_name": "tap0",
+                                                       "rx_rate_limiter": {}}))
+    good = {"iface_id": "eth0", "host_dev_name": "pykvmnosuch0", "guest_mac": "02:00:00:00:00:05"}
+    assert c.put(url, json=good).status_code == 204
+    assert "already" in fault(c.put("/network-interfaces/eth1", json={**good, "iface_id": "eth1"}))
+    assert c.get("/vm/config").json()["network-interfaces"] == [good]
+    assert c.put("/boot-source", json={"kernel_image_path": str(tmp_path.parent / "missing")}).status_code == 400
+    from api_helpers import COUNT_GUEST
+    assert c.put("/boot-source", json={"kernel_image_path": str(COUNT_GUEST)}).status_code == 204
+    assert "pykvmnosuch0" in fault(c.put("/actions", json={"action_type": "InstanceStart"}))
+    assert c.get("/").json()["state"] == "Not started"

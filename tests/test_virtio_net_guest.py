@@ -51,11 +51,27 @@ sys.exit("no frame from the guest")
 
 
 def test_frames_cross_the_tap_byte_for_byte_both_ways():
+    exchange_frames(["run", "-k", str(GUEST), "--net", f"tap=tap0,mac={GUEST_MAC.hex(':')}", "--timeout", "120"])
+
+
+def test_network_interfaces_of_firecrackers_config_file_attach_the_same_card(tmp_path):
+    """`network-interfaces` in a Firecracker config file (what PUT /network-interfaces/{iface_id}
+    records): the same card on the same TAP, with the MAC asked for."""
+    import json
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps({
+        "boot-source": {"kernel_image_path": str(GUEST)},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC.hex(":")}]}))
+    exchange_frames(["run", "--config-file", str(config), "--timeout", "120"])
+
+
+def exchange_frames(pykvm_args: list[str]) -> None:
+    """In a fresh namespace with tap0: pykvm ARGS runs the guest while the host side trades frames."""
     with netns.Netns() as ns:
         ns.add_tap("tap0")
         ns.run(["sysctl", "-qw", "net.ipv6.conf.tap0.disable_ipv6=1"])     # fewer stray frames
-        guest = ns.popen([sys.executable, "-m", "pykvm", "run", "-k", str(GUEST), "--net",
-                          f"tap=tap0,mac={GUEST_MAC.hex(':')}", "--timeout", "120"],
+        guest = ns.popen([sys.executable, "-m", "pykvm", *pykvm_args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
         host = ns.popen([sys.executable, "-c", HOST_SIDE, "tap0", HOST_FRAME.hex()],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -68,6 +68,11 @@ class PatchDrive:
 
 
 @dataclass
+class PutNetworkInterface:
+    interface: models.NetworkInterface
+
+
+@dataclass
 class PutEntropy:
     entropy: models.EntropyDevice
 
@@ -156,6 +161,7 @@ class Vmm:
         self.boot_source: models.BootSource | None = None
         self.drives: dict[str, models.Drive] = {}
         self.entropy: models.EntropyDevice | None = None
+        self.network_interfaces: dict[str, models.NetworkInterface] = {}
         self.logger: models.Logger | None = None
         self.metrics: models.Metrics | None = None
         self.serial = SerialRing(serial_out)
@@ -213,7 +219,8 @@ class Vmm:
         """GET /vm/config: the configuration in Firecracker's config-file shape."""
         out = {"boot-source": self.boot_source.model_dump(exclude_none=True) if self.boot_source else None,
                "drives": [d.model_dump(exclude_none=True) for d in self.drives.values()],
-               "machine-config": self.machine_config.model_dump()}
+               "machine-config": self.machine_config.model_dump(),
+               "network-interfaces": [n.model_dump(exclude_none=True) for n in self.network_interfaces.values()]}
         for name, value in (("entropy", self.entropy), ("logger", self.logger), ("metrics", self.metrics)):
             if value is not None:
                 out[name] = value.model_dump(exclude_none=True)
@@ -232,7 +239,8 @@ class Vmm:
         handlers = {
             PutMachineConfig: self._put_machine_config, PatchMachineConfig: self._patch_machine_config,
             PutBootSource: self._put_boot_source, PutDrive: self._put_drive, PatchDrive: self._patch_drive,
-            PutEntropy: self._put_entropy, PutLogger: self._put_logger, PutMetrics: self._put_metrics,
+            PutEntropy: self._put_entropy, PutNetworkInterface: self._put_network_interface,
+            PutLogger: self._put_logger, PutMetrics: self._put_metrics,
             StartInstance: self._start, SendCtrlAltDel: self._ctrl_alt_del, FlushMetrics: self._flush_metrics,
             Pause: self._pause, Resume: self._resume, CreateSnapshot: self._create_snapshot,
             LoadSnapshot: self._load_snapshot,
@@ -310,6 +318,17 @@ class Vmm:
             _check_file(action.drive.path_on_host, "path_on_host")
             self.drives[drive.drive_id] = drive.model_copy(update={"path_on_host": action.drive.path_on_host})
 
+    def _put_network_interface(self, action: PutNetworkInterface) -> None:
+        self._before_start("adding or replacing a network interface")
+        iface = action.interface
+        if any(n.host_dev_name == iface.host_dev_name for k, n in self.network_interfaces.items()
+               if k != iface.iface_id):
+            raise ApiError(f"the TAP {iface.host_dev_name} is already the host end of another interface")
+        from ..devices.virtio import parse_mac
+        if iface.guest_mac is not None:
+            parse_mac(iface.guest_mac)    # a multicast MAC is refused here, not at InstanceStart
+        self.network_interfaces[iface.iface_id] = iface
+
     def _put_entropy(self, action: PutEntropy) -> None:
         self._before_start("adding the entropy device")
         self.entropy = action.entropy
@@ -338,7 +357,7 @@ class Vmm:
             raise ApiError("InstanceStart needs a kernel: PUT /boot-source with kernel_image_path first")
         from ..boot.detect import load_kernel
         from ..boot.linux import linux_quirks
-        from ..devices.virtio import DriveSpec, attach_virtio, linux_cmdline
+        from ..devices.virtio import DriveSpec, NetSpec, attach_virtio, linux_cmdline, parse_mac
         from ..kvm.host import host_backend
         from ..machine import Machine
         from ..snapshot import machine_state
@@ -349,13 +368,15 @@ class Vmm:
         initrd = _read_file(source.initrd_path, "initrd_path", mem) if source.initrd_path else b""
         drives = [DriveSpec(d.path_on_host, d.is_read_only) for d in _root_first(self.drives.values())]
         rng = self.entropy is not None
-        quirks = " ".join([*linux_cmdline(drives, rng, False), linux_quirks(host_backend())]).strip()
+        nets = [NetSpec(n.host_dev_name, parse_mac(n.guest_mac) if n.guest_mac else None)
+                for n in self.network_interfaces.values()]
+        quirks = " ".join([*linux_cmdline(drives, rng, False, nets=nets), linux_quirks(host_backend())]).strip()
         boot_args = DEFAULT_BOOT_ARGS if source.boot_args is None else source.boot_args
         plan = load_kernel(kernel, mem, name=source.kernel_image_path, cmdline=boot_args, initrd=initrd,
                            linux_quirks=quirks)
         machine = Machine(mem_size=mem, cpus=cpus, irqchip=plan.irqchip or cpus > 1, serial_out=self.serial)
         try:
-            attach_virtio(machine, drives, rng, False)
+            attach_virtio(machine, drives, rng, False, nets=nets)
             machine.load(plan)
             if self.machine_config.track_dirty_pages:
                 machine_state.start_dirty_tracking(machine)

@@ -57,6 +57,16 @@ class PartialDrive(_Body):
     path_on_host: str | None = Field(default=None, min_length=1)
 
 
+class NetworkInterface(_Body):
+    """PUT /network-interfaces/{iface_id}: a virtio-net card whose other end is the host TAP
+    ``host_dev_name`` (it must exist); ``guest_mac`` as 12 hex digits with colons (default: random,
+    locally administered). Rate limiters are not supported, so they are unknown fields here."""
+
+    iface_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    host_dev_name: str = Field(min_length=1, max_length=15)
+    guest_mac: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+
+
 class EntropyDevice(_Body):
     """PUT /entropy: a virtio-rng device (rate limiting is not supported, so no other fields)."""
 
@@ -143,5 +153,6 @@ class VmConfigFile(_Body):
     drives: list[Drive] = []
     machine_config: MachineConfiguration | None = Field(default=None, alias="machine-config")
     entropy: EntropyDevice | None = None
+    network_interfaces: list[NetworkInterface] = Field(default=[], alias="network-interfaces")
     logger: Logger | None = None
     metrics: Metrics | None = None

@@ -119,6 +119,13 @@ def build_app(vmm: c.Vmm) -> FastAPI:
                              f"({drive_id})")
         return act(c.PatchDrive(body))
 
+    @app.put("/network-interfaces/{iface_id}", status_code=204)
+    def put_network_interface(iface_id: str, body: models.NetworkInterface):
+        if body.iface_id != iface_id:
+            raise c.ApiError(f"the iface_id in the body ({body.iface_id}) differs from the one in the path "
+                             f"({iface_id})")
+        return act(c.PutNetworkInterface(body))
+
     @app.put("/entropy", status_code=204)
     def put_entropy(body: models.EntropyDevice):
         return act(c.PutEntropy(body))
