@@ -68,12 +68,18 @@ FREE_TEXT_OPTIONS = {
     "--stats-json": "--stats-json", "--plot": "--plot",
     "--trace-filter": "--trace-filter",
 }
+FREE_TEXT_COMMANDS = {"run", "vmm", "bench"}
 
 
 def bind_free_text(argv: list[str]) -> list[str]:
     """``argv`` with each free-text option (:data:`FREE_TEXT_OPTIONS`) joined to the word after
-    it as ``--long=WORD``, so that a value beginning with ``-`` is taken as the value. Words
-    after ``--`` are left alone; an option that ends argv is left for argparse to report."""
+    it as ``--long=WORD``, so that a value beginning with ``-`` is taken as the value. Only for
+    the commands whose options these are (:data:`FREE_TEXT_COMMANDS`: `create --net` of the
+    engine's client is a flag). Words after ``--`` are left alone; an option that ends argv is
+    left for argparse to report."""
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if command not in FREE_TEXT_COMMANDS:
+        return list(argv)
     out: list[str] = []
     i = 0
     while i < len(argv):

@@ -260,3 +260,9 @@ def test_a_guest_that_ends_on_a_terminal_restores_it():
     assert code == 0, err
     assert "halted with interrupts disabled (exit status 0)" in err
     assert after == run.before
+
+
+def test_dashed_values_are_bound_only_for_the_commands_that_take_them():
+    """`create --net` (the engine's client) is a flag: the word after it is not its value."""
+    assert bind_free_text(["create", "--net", "-k", "vmlinux"]) == ["create", "--net", "-k", "vmlinux"]
+    assert bind_free_text(["run", "--net", "-x"]) == ["run", "--net=-x"]
