@@ -197,10 +197,15 @@ class HostOutput:
         if self.error is not None:
             return self.high_water
         room = self.high_water - len(self._buf)
-        if room <= 1:
-            self._starved = True
+        if room > 1:
+            return room
+        # Decide "no room" under the writer's lock: otherwise the writer could drain the buffer
+        # and see nobody starved between our look and our flag, and never tell the device.
+        with self._cond:
+            room = self.high_water - len(self._buf)
+            if room <= 1:
+                self._starved = True
             return max(room, 0)
-        return room
 
     def write(self, data: bytes) -> None:
         """Queue ``data`` for the writer thread; never blocks. Past :data:`LIMIT` buffered, or

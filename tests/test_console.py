@@ -142,6 +142,36 @@ def test_room_coming_back_is_told_to_the_listeners():
     os.close(w)
 
 
+def test_a_device_told_no_room_is_always_told_when_it_comes_back():
+    """The lost wake-up: the device reads "full", the writer drains everything and sees nobody waiting,
+    only then does the device mark itself waiting. It must be told (or not be held back at all)."""
+    r, w = os.pipe()
+    told = threading.Event()
+    main = threading.current_thread()
+    output = HostOutput(w, high_water=8)
+    checks, armed = [], threading.Event()
+
+    class SlowLook(bytearray):                        # the device's first look at the buffer is slow
+        def __len__(self):
+            n = super().__len__()
+            if threading.current_thread() is main and armed.is_set() and not checks:
+                checks.append(n)
+                wait_for(lambda: output.written == 10)    # the writer drains meanwhile
+            return n
+
+    output._buf = SlowLook()
+    with output:
+        output.add_listener(told.set)
+        output.write(b"0123456789")
+        armed.set()
+        if output.room() == 0:                        # held back: then it must hear that room came back
+            assert told.wait(5), "room came back and nobody told the device: the guest waits forever"
+        assert checks == [10]
+        assert os.read(r, 100) == b"0123456789"
+    os.close(r)
+    os.close(w)
+
+
 class PollingDriver:
     """A guest's polling UART driver: wait for LSR.THRE, write THR; bytes count up mod 256."""
 
