@@ -28,7 +28,10 @@ SCRIPT = (
     f"echo {MARK.decode()} | dd of=/dev/vda bs=512 seek=5 conv=sync,fsync && sync && echo dd-vda-ok\n"
     "echo nope | dd of=/dev/vdb bs=512 conv=sync,fsync || echo dd-vdb-refused\n"
     "head -c 32 /dev/vdb | od -An -c | head -1\n"
-    "echo hwrng=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' ')\n"
+    # Up to three reads: on kvm_pvm a guest process now and then dies at start-up (README, "This
+    # host's KVM"), and this test is about the device, not about that defect.
+    "for n in 1 2 3; do h=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' '); [ ${#h} = 32 ] && break; done\n"
+    "echo hwrng=$h\n"
     "poweroff -f\n"
 )
 
@@ -77,5 +80,6 @@ def test_linux_read_only_drive_refuses_the_write(boot):
 
 def test_linux_reads_hwrng(boot):
     r, _, _ = boot
-    m = re.search(r"hwrng=([0-9a-f]{32})", r.stdout.decode(errors="replace"))
-    assert m and len(set(m[1])) > 4
+    out = r.stdout.decode(errors="replace")
+    m = re.search(r"hwrng=([0-9a-f]{32})", out)
+    assert m and len(set(m[1])) > 4, out[-3000:] + r.stderr.decode(errors="replace")
