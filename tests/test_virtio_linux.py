@@ -64,7 +64,7 @@ def test_linux_shell_runs_on_hvc0(boot):
 
 def test_linux_dd_to_vda_reaches_the_image(boot):
     r, rw, _ = boot
-    assert b"dd-vda-ok" in r.stdout
+    assert b"dd-vda-ok" in r.stdout, r.stdout[-3000:]
     data = Path(rw).read_bytes()
     assert data[5 * 512:6 * 512] == (MARK + b"\n").ljust(512, b"\0")
     assert data[:5 * 512] == bytes(5 * 512) and data[6 * 512:] == bytes(len(data) - 6 * 512)
@@ -73,8 +73,8 @@ def test_linux_dd_to_vda_reaches_the_image(boot):
 def test_linux_read_only_drive_refuses_the_write(boot):
     r, _, ro = boot
     out = r.stdout.decode(errors="replace")
-    assert "dd-vdb-refused" in out
-    assert "R   R   R" in out                              # and it still reads
+    assert "dd-vdb-refused" in out, out[-3000:]
+    assert "R   R   R" in out, out[-3000:]                 # and it still reads
     assert Path(ro).read_bytes() == b"R" * (1 << 20)
 
 
