@@ -327,7 +327,13 @@ def capture(machine, kvm_msrs: list[int] | None = None, files: list[str] = ()) -
     :data:`BY_REFERENCE_MIN` bytes that is one of them (or its tail) is stored as a reference (path, offset,
     length, and the file's size and modification time) instead of its bytes: fw_cfg's copies of the kernel and
     initrd then stay out of the state file, and a restore maps them from the files (a changed file is
-    refused)."""
+    refused).
+
+    The machine must be paused (:meth:`pykvm.machine.Machine.pause`: vCPUs out of KVM_RUN and devices
+    quiesced, so that no device thread changes guest memory or a device's state while it is read);
+    SnapshotError otherwise."""
+    if not getattr(machine, "paused", True):
+        raise SnapshotError("a snapshot needs a paused machine (vCPUs and device threads stopped): pause it first")
     msrs = kvm_msrs if kvm_msrs is not None else saveable_msrs(machine.kvm, machine.vcpus[0])
     device_states = capture_devices(machine)
     known = []
