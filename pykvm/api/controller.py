@@ -311,12 +311,33 @@ class Vmm:
         drive = self.drives.get(action.drive.drive_id)
         if drive is None:
             raise ApiError(f"there is no drive {action.drive.drive_id!r} to update")
+        path = action.drive.path_on_host
+        if path is None:
+            return
+        _check_file(path, "path_on_host")
         if self.state != NOT_STARTED:
-            raise ApiError("pykvm cannot swap a drive's backing file while the microVM runs (virtio-blk has no "
-                           "hot update yet); stop the microVM first")
-        if action.drive.path_on_host is not None:
-            _check_file(action.drive.path_on_host, "path_on_host")
-            self.drives[drive.drive_id] = drive.model_copy(update={"path_on_host": action.drive.path_on_host})
+            # After start: swap the running virtio-blk's image; the guest sees the new size through a
+            # configuration-change interrupt (raised at resume if the microVM is paused).
+            device = self._block_device(drive.drive_id)
+            try:
+                device.swap(path)
+            except OSError as e:
+                mode = "read-only" if drive.is_read_only else "read-write"
+                raise ApiError(f"path_on_host {path}: cannot open it {mode}, as drive {drive.drive_id} is: "
+                               f"{e.strerror}") from None
+        self.drives[drive.drive_id] = drive.model_copy(update={"path_on_host": path})
+
+    def _block_device(self, drive_id: str):
+        """The virtio-blk device of drive ``drive_id`` of the running machine (drives are placed root first,
+        then in the order they were put)."""
+        from ..devices.virtio import Block
+        virtio = getattr(self, "_virtio", None)
+        blocks = [t.device for t in (virtio.transports if virtio is not None else []) if isinstance(t.device, Block)]
+        order = [d.drive_id for d in _root_first(self.drives.values())]
+        if len(blocks) != len(order) or drive_id not in order:
+            raise ApiError(f"drive {drive_id} is not a drive pykvm can update in this microVM (it was not "
+                           "configured through this API before InstanceStart)")
+        return blocks[order.index(drive_id)]
 
     def _put_network_interface(self, action: PutNetworkInterface) -> None:
         self._before_start("adding or replacing a network interface")
@@ -376,7 +397,7 @@ class Vmm:
                            linux_quirks=quirks)
         machine = Machine(mem_size=mem, cpus=cpus, irqchip=plan.irqchip or cpus > 1, serial_out=self.serial)
         try:
-            attach_virtio(machine, drives, rng, False, nets=nets)
+            self._virtio = attach_virtio(machine, drives, rng, False, nets=nets)
             machine.load(plan)
             if self.machine_config.track_dirty_pages:
                 machine_state.start_dirty_tracking(machine)
