@@ -430,7 +430,8 @@ class Vmm:
             return
         if not self.machine.pause(timeout=PAUSE_TIMEOUT):
             self.machine.resume()
-            raise ApiError(f"the microVM's vCPUs did not all leave KVM_RUN within {PAUSE_TIMEOUT:g} s; it runs on")
+            raise ApiError(f"the microVM's vCPUs did not all leave KVM_RUN, or its device threads did not all "
+                           f"stop, within {PAUSE_TIMEOUT:g} s; it runs on")
         self.state = PAUSED
 
     def _resume(self, action: Resume) -> None:
