@@ -243,3 +243,29 @@ def test_patch_drive_after_start_swaps_the_backing_file(vmm, tmp_path):
     assert c.patch("/vm", json={"state": "Resumed"}).status_code == 204
     assert c.get("/vm/config").json()["drives"][0]["path_on_host"] == str(first)
     assert_continuous(counting(vmm.wait_output(4)))
+
+
+@needs_kvm
+def test_a_restored_vms_drives_keep_their_api_names_and_can_be_patched(vmm, tmp_path):
+    disk, other = tmp_path / "disk.img", tmp_path / "other.img"
+    disk.write_bytes(bytes(4096))
+    other.write_bytes(bytes(8192))
+    c = vmm.client
+    drive = {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False, "is_read_only": False}
+    assert c.put("/drives/data", json=drive).status_code == 204
+    start_counting(vmm)
+    vmm.wait_output(2)
+    assert c.patch("/vm", json={"state": "Paused"}).status_code == 204
+    r = c.put("/snapshot/create", json={"snapshot_path": str(tmp_path / "s"), "mem_file_path": str(tmp_path / "m")})
+    assert r.status_code == 204, r.text
+    fresh = VmmProcess(tmp_path, "fresh")
+    try:
+        r = fresh.client.put("/snapshot/load", json={"snapshot_path": str(tmp_path / "s"),
+                                                     "mem_file_path": str(tmp_path / "m"), "resume_vm": True})
+        assert r.status_code == 204, r.text
+        assert fresh.client.get("/vm/config").json()["drives"] == [drive]
+        r = fresh.client.patch("/drives/data", json={"drive_id": "data", "path_on_host": str(other)})
+        assert r.status_code == 204, r.text
+        assert fresh.client.get("/vm/config").json()["drives"] == [dict(drive, path_on_host=str(other))]
+    finally:
+        fresh.close()

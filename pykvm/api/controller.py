@@ -330,9 +330,7 @@ class Vmm:
     def _block_device(self, drive_id: str):
         """The virtio-blk device of drive ``drive_id`` of the running machine (drives are placed root first,
         then in the order they were put)."""
-        from ..devices.virtio import Block
-        virtio = getattr(self, "_virtio", None)
-        blocks = [t.device for t in (virtio.transports if virtio is not None else []) if isinstance(t.device, Block)]
+        blocks = _block_devices(self.machine)
         order = [d.drive_id for d in _root_first(self.drives.values())]
         if len(blocks) != len(order) or drive_id not in order:
             raise ApiError(f"drive {drive_id} is not a drive pykvm can update in this microVM (it was not "
@@ -397,7 +395,7 @@ class Vmm:
                            linux_quirks=quirks)
         machine = Machine(mem_size=mem, cpus=cpus, irqchip=plan.irqchip or cpus > 1, serial_out=self.serial)
         try:
-            self._virtio = attach_virtio(machine, drives, rng, False, nets=nets)
+            attach_virtio(machine, drives, rng, False, nets=nets)
             machine.load(plan)
             if self.machine_config.track_dirty_pages:
                 machine_state.start_dirty_tracking(machine)
@@ -462,6 +460,8 @@ class Vmm:
         files = [p for p in (source.kernel_image_path, source.initrd_path) if p] if source is not None else []
         state = machine_state.capture(self.machine, files=files)
         state["snapshot_type"] = params.snapshot_type.value
+        if self.drives:      # their API names, so that a restored VM's drives can be PATCHed by drive_id
+            state["api_drives"] = [d.model_dump(exclude_none=True) for d in _root_first(self.drives.values())]
         t0 = time.perf_counter()
         written = machine_state.write_memory(self.machine, params.mem_file_path, diff)
         if self.track_dirty_pages and not diff:
@@ -492,12 +492,36 @@ class Vmm:
             machine.close()
             raise
         self.track_dirty_pages = track
+        self.drives = _recorded_drives(state.get("api_drives"), machine)
         self.machine = machine
         self.machine_config = models.MachineConfiguration(vcpu_count=config["vcpu_count"],
                                                           mem_size_mib=config["mem_size"] >> 20,
                                                           track_dirty_pages=track)
         self.state = RUNNING if params.resume_vm else PAUSED
         self._ready.set()
+
+
+def _block_devices(machine) -> list:
+    """The machine's virtio-blk devices in placement order (drives are placed first, root drive first)."""
+    from ..devices.virtio import Block, VirtioMmio
+    if machine is None:
+        return []
+    transports = sorted((base, d) for base, _, d in machine.mmio.devices() if isinstance(d, VirtioMmio))
+    return [t.device for _, t in transports if isinstance(t.device, Block)]
+
+
+def _recorded_drives(recorded, machine) -> dict:
+    """The drives a snapshot recorded under their API names, if they are the restored machine's drives (same
+    number, paths and read-only settings, in order); else none (the drives then have no API name)."""
+    blocks = _block_devices(machine)
+    try:
+        drives = [models.Drive(**d) for d in recorded]
+    except Exception:     # absent or malformed: a snapshot not taken over the API
+        return {}
+    if len(drives) != len(blocks) or any(d.path_on_host != b.path or d.is_read_only is not b.readonly
+                                         for d, b in zip(drives, blocks, strict=True)):
+        return {}
+    return {d.drive_id: d for d in drives}
 
 
 def _root_first(drives):
