@@ -30,6 +30,8 @@ import time
 import tty
 from collections.abc import Callable
 
+from .devices.quiesce import PARK_TIMEOUT, ParkPoint
+
 ESCAPE = 0x01   # Ctrl-A
 HIGH_WATER = 64 * 1024   # bytes of guest output buffered before the devices hold the guest back
 LIMIT = 1 << 20          # most ever buffered: past it, output of a guest that ignores THRE is dropped
@@ -56,6 +58,7 @@ class HostConsole:
         self._pending = bytearray()
         self._escape = False
         self._wake: tuple[int, int] | None = None    # a pipe whose byte ends the pump's wait at once
+        self._park = ParkPoint(self._poke)
 
     def __enter__(self) -> HostConsole:
         if self.fd is None:
@@ -66,10 +69,33 @@ class HostConsole:
             tty.setraw(self.fd)
         self._thread = threading.Thread(target=self._pump, name="console", daemon=True)
         self._thread.start()
+        feeders = getattr(self.uart, "feeders", None)
+        if feeders is not None:
+            feeders.add(self)       # paused with the device it feeds (pykvm.devices.quiesce)
         return self
 
+    def pause(self, timeout: float | None = PARK_TIMEOUT) -> bool:
+        """Quiesce (:mod:`pykvm.devices.quiesce`): the input thread parks; input stays in its pipe (and what
+        was read already, in this console) until :meth:`resume`. True once it has parked (or does not run)."""
+        return self._park.pause(timeout)
+
+    def resume(self) -> None:
+        """The input thread feeds the device again, what waited first."""
+        self._park.resume()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            try:
+                os.write(self._wake[1], b"\0")
+            except OSError:
+                pass
+
     def __exit__(self, *exc) -> None:
+        feeders = getattr(self.uart, "feeders", None)
+        if feeders is not None:
+            feeders.remove(self)
         self._stop.set()
+        self._park.stop()
         if self._wake is not None:
             os.write(self._wake[1], b"\0")     # the pump is in select: end it now, not after POLL
         if self._thread is not None:
@@ -86,18 +112,29 @@ class HostConsole:
             self._saved_tty = None
 
     def _pump(self) -> None:
+        with self._park.running():
+            self._pump_loop()
+
+    def _pump_loop(self) -> None:
         eof = False
         wake = self._wake[0]
+        park = self._park
         while not self._stop.is_set():
+            park.park()
+            if park.requested:
+                continue
             if self._pending and (self.uart.listening or not self.wait_for_driver):
                 taken = self.uart.feed(bytes(self._pending))
                 del self._pending[:taken]
             wait = POLL / 10 if self._pending else POLL
             if eof or len(self._pending) >= 4096:   # back-pressure: stop reading until the guest catches up
-                select.select([wake], [], [], wait)
+                if select.select([wake], [], [], wait)[0]:
+                    _drain_pipe(wake)
                 continue
             ready, _, _ = select.select([self.fd, wake], [], [], wait)
-            if self.fd not in ready:
+            if wake in ready:
+                _drain_pipe(wake)
+            if self.fd not in ready or park.requested:
                 continue
             try:
                 data = os.read(self.fd, 1024)
@@ -127,6 +164,14 @@ class HostConsole:
                 self._escape = True
                 continue
             self._pending.append(byte)
+
+
+def _drain_pipe(fd: int) -> None:
+    """Take the wake-up bytes select said are there (never blocks: at least one is)."""
+    try:
+        os.read(fd, 64)
+    except OSError:
+        pass
 
 
 def _stdin_fd() -> int | None:

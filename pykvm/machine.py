@@ -166,6 +166,8 @@ class Machine:
         self._pause_requested = False
         self._held = 0          # vCPU threads holding
         self._running = 0       # vCPU threads in their exit loop
+        # Devices paused and resumed with the vCPUs (pykvm.devices.quiesce), in the order added.
+        self._quiescables: list = [self.uart, cmos]
 
     def close(self) -> None:
         """Join every vCPU thread, then close devices, memory, the VM and /dev/kvm (idempotent)."""
@@ -255,20 +257,38 @@ class Machine:
             self._join_all()
 
     # --- pause and resume --------------------------------------------------------------------
-    def pause(self, timeout: float | None = None) -> bool:
-        """Make every vCPU leave KVM_RUN and stay out; returns once all are out or the run ended
-        (True), or after ``timeout`` seconds if given (False: some vCPU has not left yet).
+    def add_quiescable(self, device) -> None:
+        """Pause and resume ``device`` with the vCPUs: an object with ``pause(timeout) -> bool`` and
+        ``resume()`` (the protocol of :mod:`pykvm.devices.quiesce`). The UART and the RTC are added at
+        build; :func:`pykvm.devices.virtio.attach_virtio` adds the virtio devices."""
+        self._quiescables.append(device)
 
-        Callable from any thread but a vCPU's. A paused vCPU waits on a condition variable (no
-        CPU). The guest's state stays in KVM, so :meth:`resume` continues exactly where it was."""
+    def pause(self, timeout: float | None = None) -> bool:
+        """Make every vCPU leave KVM_RUN and stay out, then quiesce the devices: returns True once all
+        vCPUs are out (or the run ended) and every device thread is parked, so that nothing writes guest
+        memory or raises an interrupt until :meth:`resume` (:mod:`pykvm.devices.quiesce`); False after
+        ``timeout`` seconds if given (some vCPU has not left yet, or a device thread has not parked:
+        call :meth:`resume`).
+
+        Callable from any thread but a vCPU's. A paused vCPU waits on a condition variable and a parked
+        device thread on its own (no CPU). The guest's state stays in KVM, so :meth:`resume` continues
+        exactly where it was; device work that arrived meanwhile (notifications, frames, console input,
+        RTC events) waits where it arrived and is done after resume."""
         with self._hold:
             self._pause_requested = True
         self.kick_all()
         with self._hold:
-            return self._hold.wait_for(lambda: self._done.is_set() or self._held >= self._running, timeout)
+            if not self._hold.wait_for(lambda: self._done.is_set() or self._held >= self._running, timeout):
+                return False
+        ok = True
+        for device in list(self._quiescables):
+            ok = device.pause(timeout) and ok
+        return ok
 
     def resume(self) -> None:
-        """Let paused vCPUs run again (a no-op when not paused); any thread."""
+        """Let the devices work and the paused vCPUs run again (a no-op when not paused); any thread."""
+        for device in list(self._quiescables):
+            device.resume()
         with self._hold:
             self._pause_requested = False
             self._hold.notify_all()

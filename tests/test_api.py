@@ -212,3 +212,60 @@ def test_network_interfaces_are_validated_and_listed(vmm, tmp_path):
     assert c.put("/boot-source", json={"kernel_image_path": str(COUNT_GUEST)}).status_code == 204
     assert "pykvmnosuch0" in fault(c.put("/actions", json={"action_type": "InstanceStart"}))
     assert c.get("/").json()["state"] == "Not started"
+
+
+@needs_kvm
+def test_patch_drive_after_start_swaps_the_backing_file(vmm, tmp_path):
+    """Firecracker's PATCH /drives/{drive_id} after InstanceStart: the running virtio-blk takes the new image
+    (the device's side, config space and interrupt, is in tests/test_blk_swap.py); a missing file, a path that
+    is not a regular file and an unknown drive are refused with 400 and change nothing."""
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    first.write_bytes(bytes(4096))
+    second.write_bytes(bytes(8192))
+    c = vmm.client
+    drive = {"drive_id": "data", "path_on_host": str(first), "is_root_device": False, "is_read_only": False}
+    assert c.put("/drives/data", json=drive).status_code == 204
+    start_counting(vmm)
+    vmm.wait_output(2)
+    assert "before the microVM starts" in fault(c.put("/drives/data", json=drive))
+    assert "No such file" in fault(c.patch("/drives/data", json={"drive_id": "data",
+                                                                 "path_on_host": str(tmp_path / "gone.img")}))
+    assert "not a regular file" in fault(c.patch("/drives/data", json={"drive_id": "data",
+                                                                       "path_on_host": str(tmp_path)}))
+    assert "no drive" in fault(c.patch("/drives/other", json={"drive_id": "other", "path_on_host": str(second)}))
+    assert c.get("/vm/config").json()["drives"][0]["path_on_host"] == str(first)
+    r = c.patch("/drives/data", json={"drive_id": "data", "path_on_host": str(second)})
+    assert r.status_code == 204, r.text
+    assert c.get("/vm/config").json()["drives"] == [dict(drive, path_on_host=str(second))]
+    assert c.patch("/vm", json={"state": "Paused"}).status_code == 204     # paused: allowed too
+    r = c.patch("/drives/data", json={"drive_id": "data", "path_on_host": str(first)})
+    assert r.status_code == 204, r.text
+    assert c.patch("/vm", json={"state": "Resumed"}).status_code == 204
+    assert c.get("/vm/config").json()["drives"][0]["path_on_host"] == str(first)
+    assert_continuous(counting(vmm.wait_output(4)))
+
+
+@needs_kvm
+def test_a_restored_vms_drives_keep_their_api_names_and_can_be_patched(vmm, tmp_path):
+    disk, other = tmp_path / "disk.img", tmp_path / "other.img"
+    disk.write_bytes(bytes(4096))
+    other.write_bytes(bytes(8192))
+    c = vmm.client
+    drive = {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False, "is_read_only": False}
+    assert c.put("/drives/data", json=drive).status_code == 204
+    start_counting(vmm)
+    vmm.wait_output(2)
+    assert c.patch("/vm", json={"state": "Paused"}).status_code == 204
+    r = c.put("/snapshot/create", json={"snapshot_path": str(tmp_path / "s"), "mem_file_path": str(tmp_path / "m")})
+    assert r.status_code == 204, r.text
+    fresh = VmmProcess(tmp_path, "fresh")
+    try:
+        r = fresh.client.put("/snapshot/load", json={"snapshot_path": str(tmp_path / "s"),
+                                                     "mem_file_path": str(tmp_path / "m"), "resume_vm": True})
+        assert r.status_code == 204, r.text
+        assert fresh.client.get("/vm/config").json()["drives"] == [drive]
+        r = fresh.client.patch("/drives/data", json={"drive_id": "data", "path_on_host": str(other)})
+        assert r.status_code == 204, r.text
+        assert fresh.client.get("/vm/config").json()["drives"] == [dict(drive, path_on_host=str(other))]
+    finally:
+        fresh.close()

@@ -311,12 +311,31 @@ class Vmm:
         drive = self.drives.get(action.drive.drive_id)
         if drive is None:
             raise ApiError(f"there is no drive {action.drive.drive_id!r} to update")
+        path = action.drive.path_on_host
+        if path is None:
+            return
+        _check_file(path, "path_on_host")
         if self.state != NOT_STARTED:
-            raise ApiError("pykvm cannot swap a drive's backing file while the microVM runs (virtio-blk has no "
-                           "hot update yet); stop the microVM first")
-        if action.drive.path_on_host is not None:
-            _check_file(action.drive.path_on_host, "path_on_host")
-            self.drives[drive.drive_id] = drive.model_copy(update={"path_on_host": action.drive.path_on_host})
+            # After start: swap the running virtio-blk's image; the guest sees the new size through a
+            # configuration-change interrupt (raised at resume if the microVM is paused).
+            device = self._block_device(drive.drive_id)
+            try:
+                device.swap(path)
+            except OSError as e:
+                mode = "read-only" if drive.is_read_only else "read-write"
+                raise ApiError(f"path_on_host {path}: cannot open it {mode}, as drive {drive.drive_id} is: "
+                               f"{e.strerror}") from None
+        self.drives[drive.drive_id] = drive.model_copy(update={"path_on_host": path})
+
+    def _block_device(self, drive_id: str):
+        """The virtio-blk device of drive ``drive_id`` of the running machine (drives are placed root first,
+        then in the order they were put)."""
+        blocks = _block_devices(self.machine)
+        order = [d.drive_id for d in _root_first(self.drives.values())]
+        if len(blocks) != len(order) or drive_id not in order:
+            raise ApiError(f"drive {drive_id} is not a drive pykvm can update in this microVM (it was not "
+                           "configured through this API before InstanceStart)")
+        return blocks[order.index(drive_id)]
 
     def _put_network_interface(self, action: PutNetworkInterface) -> None:
         self._before_start("adding or replacing a network interface")
@@ -409,7 +428,8 @@ class Vmm:
             return
         if not self.machine.pause(timeout=PAUSE_TIMEOUT):
             self.machine.resume()
-            raise ApiError(f"the microVM's vCPUs did not all leave KVM_RUN within {PAUSE_TIMEOUT:g} s; it runs on")
+            raise ApiError(f"the microVM's vCPUs did not all leave KVM_RUN, or its device threads did not all "
+                           f"stop, within {PAUSE_TIMEOUT:g} s; it runs on")
         self.state = PAUSED
 
     def _resume(self, action: Resume) -> None:
@@ -440,6 +460,8 @@ class Vmm:
         files = [p for p in (source.kernel_image_path, source.initrd_path) if p] if source is not None else []
         state = machine_state.capture(self.machine, files=files)
         state["snapshot_type"] = params.snapshot_type.value
+        if self.drives:      # their API names, so that a restored VM's drives can be PATCHed by drive_id
+            state["api_drives"] = [d.model_dump(exclude_none=True) for d in _root_first(self.drives.values())]
         t0 = time.perf_counter()
         written = machine_state.write_memory(self.machine, params.mem_file_path, diff)
         if self.track_dirty_pages and not diff:
@@ -470,12 +492,36 @@ class Vmm:
             machine.close()
             raise
         self.track_dirty_pages = track
+        self.drives = _recorded_drives(state.get("api_drives"), machine)
         self.machine = machine
         self.machine_config = models.MachineConfiguration(vcpu_count=config["vcpu_count"],
                                                           mem_size_mib=config["mem_size"] >> 20,
                                                           track_dirty_pages=track)
         self.state = RUNNING if params.resume_vm else PAUSED
         self._ready.set()
+
+
+def _block_devices(machine) -> list:
+    """The machine's virtio-blk devices in placement order (drives are placed first, root drive first)."""
+    from ..devices.virtio import Block, VirtioMmio
+    if machine is None:
+        return []
+    transports = sorted((base, d) for base, _, d in machine.mmio.devices() if isinstance(d, VirtioMmio))
+    return [t.device for _, t in transports if isinstance(t.device, Block)]
+
+
+def _recorded_drives(recorded, machine) -> dict:
+    """The drives a snapshot recorded under their API names, if they are the restored machine's drives (same
+    number, paths and read-only settings, in order); else none (the drives then have no API name)."""
+    blocks = _block_devices(machine)
+    try:
+        drives = [models.Drive(**d) for d in recorded]
+    except Exception:     # absent or malformed: a snapshot not taken over the API
+        return {}
+    if len(drives) != len(blocks) or any(d.path_on_host != b.path or d.is_read_only is not b.readonly
+                                         for d, b in zip(drives, blocks, strict=True)):
+        return {}
+    return {d.drive_id: d for d in drives}
 
 
 def _root_first(drives):

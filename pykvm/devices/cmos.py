@@ -66,6 +66,7 @@ from collections.abc import Callable
 
 from ..kvm.irq import IrqLine
 from .bus import all_ones
+from .quiesce import PARK_TIMEOUT, ParkPoint
 
 BASE = 0x70
 LENGTH = 2
@@ -210,6 +211,7 @@ class Cmos:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._park = ParkPoint(self._wake.set)   # the timer thread's, while paused (pykvm.devices.quiesce)
 
         base_kib = min(ram_below_4g // KiB, 640)
         extended_kib = min(max(ram_below_4g - 1 * MiB, 0) // KiB, 0xFFFF)
@@ -419,8 +421,15 @@ class Cmos:
         self._wake.set()
 
     def _timer(self) -> None:
+        with self._park.running():
+            self._timer_loop()
+
+    def _timer_loop(self) -> None:
         while True:
+            self._park.park()      # paused: events wait in the clock, accounted for on resume
             self._wake.clear()
+            if self._park.requested:
+                continue
             with self._lock:
                 if self._closed:
                     return
@@ -431,11 +440,22 @@ class Cmos:
             # a microsecond late, so that the event has certainly happened when we look again
             self._wake.wait(None if due is None else max(due - now, 0.0) + 1e-6)
 
+    def pause(self, timeout: float | None = PARK_TIMEOUT) -> bool:
+        """Quiesce (pykvm.devices.quiesce): the timer thread parks and raises no interrupt until :meth:`resume`;
+        what falls due meanwhile sets its flags then (the clock itself runs on, as a battery-backed RTC's does).
+        True once the thread has parked."""
+        return self._park.pause(timeout)
+
+    def resume(self) -> None:
+        """The timer thread runs again and accounts for the events of the pause."""
+        self._park.resume()
+
     def close(self) -> None:
         """Stop the timer thread (if it runs) and wait for it."""
         with self._lock:
             self._closed = True
             thread, self._thread = self._thread, None
+        self._park.stop()
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join()

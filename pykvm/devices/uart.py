@@ -64,6 +64,7 @@ import threading
 from collections.abc import Callable
 
 from pykvm.devices.bus import IrqLine
+from pykvm.devices.quiesce import PARK_TIMEOUT, FeederSet
 
 __all__ = ["Fcr", "Ier", "Iir", "Lcr", "Lsr", "Mcr", "Msr", "Reg", "Uart16550"]
 
@@ -209,6 +210,9 @@ class Uart16550:
         self._irq_level = False  # the line is assumed low until first driven
         self._rx = bytearray()
         self.set_output(out if out is not None else _discard, out_room)
+        self.feeders = FeederSet()   # the host console's input thread (pykvm.devices.quiesce)
+        self._paused = False
+        self._ready_deferred = False  # host_ready() came while paused
         self._power_on()
 
     def _power_on(self) -> None:
@@ -239,9 +243,31 @@ class Uart16550:
         self._out_limited = room is not None   # skips a call per THR write when there is no limit
 
     def host_ready(self) -> None:
-        """The host took transmitted bytes: a busy transmitter empties (THRE and its interrupt)."""
+        """The host took transmitted bytes: a busy transmitter empties (THRE and its interrupt). While paused
+        the interrupt waits for :meth:`resume`."""
         with self._lock:
+            if self._paused:
+                self._ready_deferred = True
+                return
             self._check_tx()
+
+    # ---- quiescing (pykvm.devices.quiesce) ---------------------------------------------------
+
+    def pause(self, timeout: float | None = PARK_TIMEOUT) -> bool:
+        """Stop taking host input and changing IRQ 4 from host threads (``feed``, ``host_ready``): the
+        feeders (the host console's input thread) park, their bytes stay with them. True once they have."""
+        with self._lock:
+            self._paused = True
+        return self.feeders.pause(timeout)
+
+    def resume(self) -> None:
+        """Take host input again; a ``host_ready`` that came while paused takes effect now."""
+        with self._lock:
+            self._paused = False
+            if self._ready_deferred:
+                self._ready_deferred = False
+                self._check_tx()
+        self.feeders.resume()
 
     def feed(self, data: bytes) -> int:
         """Push host input into the receiver; return how many bytes were accepted.
@@ -251,6 +277,8 @@ class Uart16550:
         disconnected from the outside, so nothing is accepted.
         """
         with self._lock:
+            if self._paused:
+                return 0           # paused (pykvm.devices.quiesce): the caller keeps the bytes
             n = min(len(data), self._space())
             if n > 0:
                 self._rx += data[:n]

@@ -23,6 +23,7 @@ from ..memory import PAGE_SIZE, back_with_file, dirty_pages, ram_regions, set_di
 from .format import SnapshotError
 
 _CHIPS = (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
+MSR_IA32_TSC_DEADLINE = 0x6E0     # Intel SDM vol. 3A 11.5.4.1, TSC-deadline mode
 
 
 def _blob(cdata) -> bytes:
@@ -74,10 +75,11 @@ def restore_vcpu(vcpu, state: dict, irqchip: bool) -> None:
         mp_state = int(state["mp_state"])
         if irqchip != ("lapic" in state):
             raise SnapshotError("the snapshot's vCPU state and its irqchip setting disagree")
-        rest = dict(msrs)
-        while rest:   # KVM stops at the first MSR it refuses (none should be): skip it and go on
-            n = vcpu.set_msrs(rest)
-            rest = dict(list(rest.items())[n + 1:])
+        # The LAPIC timer's TSC deadline only takes while LVTT is in TSC-deadline mode, and KVM_SET_LAPIC zeroes
+        # it when it puts LVTT in that mode: it goes after the LAPIC (as QEMU's kvm_put_tscdeadline_msr), or
+        # the guest's pending timer interrupt is lost and it sleeps until some other interrupt wakes it.
+        deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None) if irqchip else None
+        _set_msrs(vcpu, msrs)
         vcpu.set_sregs(_unblob("struct kvm_sregs", state["sregs"], "sregs"))
         vcpu.set_regs(_unblob("struct kvm_regs", state["regs"], "regs"))
         if "xsave" in state:
@@ -88,10 +90,19 @@ def restore_vcpu(vcpu, state: dict, irqchip: bool) -> None:
         vcpu.set_debugregs(_unblob("struct kvm_debugregs", state["debugregs"], "debug registers"))
         if irqchip:
             vcpu.set_lapic(_unblob("struct kvm_lapic_state", state["lapic"], "LAPIC"))
+            if deadline is not None:
+                _set_msrs(vcpu, {MSR_IA32_TSC_DEADLINE: deadline})
         vcpu.set_mp_state(mp_state)
         vcpu.set_vcpu_events(_unblob("struct kvm_vcpu_events", state["events"], "vCPU events"))
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"the snapshot's state of vCPU {vcpu.id} is malformed ({e!r})") from None
+
+
+def _set_msrs(vcpu, msrs: dict[int, int]) -> None:
+    rest = dict(msrs)
+    while rest:   # KVM stops at the first MSR it refuses (none should be): skip it and go on
+        n = vcpu.set_msrs(rest)
+        rest = dict(list(rest.items())[n + 1:])
 
 
 def capture_vm(vm, irqchip: bool) -> dict:
@@ -323,15 +334,22 @@ def _resolve_files(value, opened: dict):
 def capture(machine, kvm_msrs: list[int] | None = None, files: list[str] = ()) -> dict:
     """The whole state of a paused machine (without its RAM) as plain data for :func:`write_state`.
 
-    ``files``: host files the machine was booted from (kernel, initrd). A device blob of at least
+    ``files``: host files the machine was booted from (kernel, initrd; a machine restored from a snapshot adds
+    the files that snapshot referred to). A device blob of at least
     :data:`BY_REFERENCE_MIN` bytes that is one of them (or its tail) is stored as a reference (path, offset,
     length, and the file's size and modification time) instead of its bytes: fw_cfg's copies of the kernel and
     initrd then stay out of the state file, and a restore maps them from the files (a changed file is
-    refused)."""
+    refused).
+
+    The machine must be paused (:meth:`pykvm.machine.Machine.pause`: vCPUs out of KVM_RUN and devices
+    quiesced, so that no device thread changes guest memory or a device's state while it is read);
+    SnapshotError otherwise."""
+    if not getattr(machine, "paused", True):
+        raise SnapshotError("a snapshot needs a paused machine (vCPUs and device threads stopped): pause it first")
     msrs = kvm_msrs if kvm_msrs is not None else saveable_msrs(machine.kvm, machine.vcpus[0])
     device_states = capture_devices(machine)
     known = []
-    for path in files:
+    for path in dict.fromkeys([*files, *getattr(machine, "snapshot_files", [])]):
         try:
             with open(path, "rb") as f:
                 known.append((path, f.read(), os.fstat(f.fileno())))
@@ -401,7 +419,9 @@ def restore(machine, state: dict, mem_path: str, track_dirty_pages: bool = False
         # transport's state says the driver runs.
         back_with_file(machine.memory, machine.vm, fd, dirty_log=track_dirty_pages)
         attach_recorded_virtio(machine, state)
-        restore_devices(machine, _resolve_files(state.get("devices"), {}))
+        opened: dict = {}
+        restore_devices(machine, _resolve_files(state.get("devices"), opened))
+        machine.snapshot_files = sorted(opened)   # referred to again by a snapshot of the restored machine
         restore_vm(machine.vm, state.get("vm") or {}, machine.irqchip)
         for vcpu, vstate in zip(machine.vcpus, state["vcpus"], strict=True):
             if not isinstance(vstate, dict):

@@ -55,6 +55,7 @@ from ...console import stdout_write
 from ...errors import PykvmError, UsageError
 from ...kvm.constants import KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
 from ...kvm.irq import IrqfdLine, IrqLine, KvmIrqLine
+from ..quiesce import PARK_TIMEOUT, ParkPoint, pause_all, resume_all
 from .blk import Block
 from .console import VirtioConsole
 from .mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioDevice, VirtioMmio
@@ -201,12 +202,18 @@ def fast_path(kvm, irqchip: bool = True) -> FastPath:
 
 class NotifyThread:
     """The device thread of one transport: waits on one eventfd per queue (signalled by KVM on a
-    QueueNotify write) and processes that queue."""
+    QueueNotify write) and processes that queue.
+
+    Quiescing (:mod:`pykvm.devices.quiesce`): :meth:`pause` returns once the thread is parked, outside any
+    queue processing; a notification arriving meanwhile leaves its eventfd signalled and is processed,
+    once, after :meth:`resume`."""
 
     def __init__(self, transport: VirtioMmio, name: str) -> None:
         self.transport = transport
         self.fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in transport.queues]
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)   # "look at the park point"
+        self._park = ParkPoint(lambda: os.eventfd_write(self._wake, 1))
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -218,30 +225,58 @@ class NotifyThread:
         os.eventfd_write(self.fds[index], 1)
 
     def _run(self) -> None:
+        with self._park.running():
+            self._loop()
+
+    def _loop(self) -> None:
         poller = select.poll()
         index_of = {}
         for index, fd in enumerate(self.fds):
             poller.register(fd, select.POLLIN)
             index_of[fd] = index
         poller.register(self._stop, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+        park = self._park
         while True:
+            park.park()
             for fd, _ in poller.poll():
                 if fd == self._stop:
                     return
+                if fd == self._wake:
+                    _drain(fd)
+                    continue
+                if park.requested:
+                    break          # the notification stays in its eventfd until resume
                 try:
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     continue
                 self.transport.process_queue(index_of[fd])   # never raises
 
+    def pause(self, timeout: float | None = PARK_TIMEOUT) -> bool:
+        """Park the thread; True once it is parked (or not running)."""
+        return self._park.pause(timeout)
+
+    def resume(self) -> None:
+        """Let the thread take notifications again, those that came while paused first."""
+        self._park.resume()
+
     def stop(self) -> None:
         """Stop the device thread (waits for it) and close its eventfds."""
+        self._park.stop()
         if self._thread.is_alive():
             os.eventfd_write(self._stop, 1)
             self._thread.join()
-        for fd in [*self.fds, self._stop]:
+        for fd in [*self.fds, self._stop, self._wake]:
             os.close(fd)
         self.fds = []
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
 
 
 @dataclass
@@ -256,6 +291,22 @@ class VirtioSet:
     devices: list[VirtioDevice] = field(default_factory=list)
     _threads: list[NotifyThread] = field(default_factory=list)
     _irq_lines: list[IrqfdLine] = field(default_factory=list)
+
+    def pause(self, timeout: float | None = PARK_TIMEOUT) -> bool:
+        """Quiesce every device (:mod:`pykvm.devices.quiesce`): the transports stop processing queues and
+        raising interrupts (waiting for processing in progress), then the notification threads, the network
+        cards' receive threads and the console's host feeders park. When this returns True nothing of these
+        devices touches guest memory or an interrupt line until :meth:`resume`; notifications, frames and
+        input that arrive meanwhile wait where they are."""
+        ok = pause_all(self.transports, timeout)
+        ok = pause_all(self._threads, timeout) and ok
+        return pause_all([d for d in self.devices if isinstance(d, (Net, VirtioConsole))], timeout) and ok
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`: what arrived meanwhile is processed now, once."""
+        resume_all(self.transports)     # queues asked for meanwhile: kicked to their (still parked) threads
+        resume_all(self._threads)
+        resume_all([d for d in self.devices if isinstance(d, (Net, VirtioConsole))])
 
     def close(self) -> None:
         """Stop the device threads, then close the image files and eventfds."""
@@ -321,6 +372,9 @@ def attach_virtio(machine, drives: Sequence[DriveSpec] = (), rng: bool = False, 
             _use_ioeventfds(machine.vm, transport, slot, result)
     for device in net_devices:
         device.start()
+    add = getattr(machine, "add_quiescable", None)
+    if add is not None:
+        add(result)       # paused and resumed with the machine (pykvm.devices.quiesce)
     if slots:
         machine.fw_cfg.add_file(FW_CFG_FILE, fw_cfg_table(slots))
     return result

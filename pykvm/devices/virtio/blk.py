@@ -92,7 +92,7 @@ class Block(VirtioDevice):
         self.bad_requests = 0
         self.requests = 0
         self.flushes = 0
-        self._config = struct.pack("<QII4xI", self.capacity, 0, self.seg_max, SECTOR).ljust(CONFIG_SIZE, b"\0")
+        self._config = _config_bytes(self.capacity, self.seg_max)
 
     def state(self) -> dict:
         """The drive as the guest knows it (for a snapshot): the image's path, read-only, capacity in sectors.
@@ -115,6 +115,34 @@ class Block(VirtioDevice):
     def config(self) -> bytes:
         """The 60-byte virtio_blk_config: capacity in sectors, seg_max, blk_size."""
         return self._config
+
+    def swap(self, path: str) -> None:
+        """Put the image at ``path`` behind the drive in place of the current one, while the guest runs
+        (Firecracker's ``PATCH /drives/{drive_id}`` after InstanceStart).
+
+        The new file is opened as the drive is (read-only or read-write) before anything changes: OSError if it
+        cannot be, and the drive keeps its image. Then, under the transport's lock (between two requests, never
+        in the middle of one), the image, path and capacity change, the configuration space shows the new
+        capacity, and the transport announces a configuration change (virtio 1.x 2.5 and 4.2.2:
+        ConfigGeneration changes and, once the driver runs, a configuration-change interrupt; Linux then reads
+        the new capacity). The device ID string stays the drive's."""
+        fd = os.open(path, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        except OSError:
+            os.close(fd)
+            raise
+        transport = getattr(self, "transport", None)
+        lock = transport.lock if transport is not None else _NoLock()
+        with lock:
+            old, self.fd = self.fd, fd
+            self.path = path
+            self.capacity = size // SECTOR
+            self._config = _config_bytes(self.capacity, self.seg_max)
+            if transport is not None:
+                transport.config_changed()
+        if old >= 0:
+            os.close(old)
 
     def close(self) -> None:
         """Close the image file (idempotent)."""
@@ -189,6 +217,19 @@ class Block(VirtioDevice):
         except OSError:
             return VIRTIO_BLK_S_IOERR
         return VIRTIO_BLK_S_OK
+
+
+def _config_bytes(capacity: int, seg_max: int) -> bytes:
+    """virtio_blk_config (5.2.4): le64 capacity, le32 size_max, le32 seg_max, geometry, le32 blk_size; the rest 0."""
+    return struct.pack("<QII4xI", capacity, 0, seg_max, SECTOR).ljust(CONFIG_SIZE, b"\0")
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def _io_all(fd: int, views: list[memoryview], offset: int, into_guest: bool) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..quiesce import PARK_TIMEOUT, FeederSet
 from .mmio import ID_CONSOLE, VirtioDevice
 from .queue import Chain, SplitQueue
 
@@ -60,6 +61,7 @@ class VirtioConsole(VirtioDevice):
         self.set_output(out, room)
         self._input = b""
         self._taken = 0
+        self.feeders = FeederSet()     # the host console's input thread (pykvm.devices.quiesce)
         self.transmitted = 0
         self._first_output: float | None = None
         # The transmit chain in progress when the host ran out of room: (queue, chain, buffer
@@ -94,6 +96,15 @@ class VirtioConsole(VirtioDevice):
             raise ValueError("the virtio console is part-way through the guest's output (the host's output is "
                              "full): resume, let the output drain and snapshot again")
         return {}
+
+    def pause(self, timeout: float | None = PARK_TIMEOUT) -> bool:
+        """Quiesce the host side: the feeders (the host console's input thread) park with their bytes; the
+        transport (paused by :class:`pykvm.devices.virtio.VirtioSet`) defers ``host_ready`` and ``feed``."""
+        return self.feeders.pause(timeout)
+
+    def resume(self) -> None:
+        """The feeders run again."""
+        self.feeders.resume()
 
     def host_ready(self) -> None:
         """The host has room for output again: carry on with the transmit queue."""

@@ -215,6 +215,10 @@ class VirtioMmio:
         self.lock = threading.RLock()
         self._irq_lock = threading.Lock()
         self.interrupt_status = 0
+        # Quiescing (pause/resume): queues asked for while paused, and a line raise held back.
+        self._paused = False
+        self._deferred: set[int] = set()
+        self._irq_deferred = False
         device.transport = self
         self._reset_state()
 
@@ -229,7 +233,10 @@ class VirtioMmio:
         with self._irq_lock:
             if self.interrupt_status:
                 self.interrupt_status = 0
-                self.irq.set(False)
+                if self._irq_deferred:
+                    self._irq_deferred = False
+                else:
+                    self.irq.set(False)
 
     # --- state ---------------------------------------------------------------------------------
     @property
@@ -254,14 +261,52 @@ class VirtioMmio:
             was = self.interrupt_status
             self.interrupt_status = was | bits
             if not was and bits:
-                self.irq.set(True)
+                if self._paused:
+                    self._irq_deferred = True    # raised on resume
+                else:
+                    self.irq.set(True)
 
     def _ack(self, bits: int) -> None:
         with self._irq_lock:
             was = self.interrupt_status
             self.interrupt_status = was & ~bits
             if was and not self.interrupt_status:
-                self.irq.set(False)
+                if self._irq_deferred:
+                    self._irq_deferred = False   # never raised: nothing to lower
+                else:
+                    self.irq.set(False)
+
+    # --- quiescing (pykvm.devices.quiesce) -----------------------------------------------------------
+    def pause(self, timeout: float | None = None) -> bool:
+        """Quiesce the transport: once this returns (it waits for queue processing in progress), no queue is
+        processed, so guest memory is not touched, and the interrupt line is not raised, until :meth:`resume`.
+        A queue asked for meanwhile (a notification, host input, room for output) is remembered and processed
+        on resume; an interrupt is raised then. The device's own threads park separately
+        (:class:`pykvm.devices.virtio.VirtioSet`). Always True (``timeout`` is for the protocol)."""
+        with self.lock, self._irq_lock:
+            self._paused = True
+        return True
+
+    def resume(self) -> None:
+        """Process the queues asked for while paused (through :attr:`notify`, once each) and raise the
+        interrupt held back. Idempotent."""
+        with self.lock:
+            if not self._paused:
+                return
+            with self._irq_lock:
+                self._paused = False
+                if self._irq_deferred:
+                    self._irq_deferred = False
+                    if self.interrupt_status:
+                        self.irq.set(True)
+            deferred, self._deferred = sorted(self._deferred), set()
+        for index in deferred:
+            self.notify(index)
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`."""
+        return self._paused
 
     def config_changed(self) -> None:
         """The device changed its configuration space: new generation, and tell the driver."""
@@ -289,6 +334,9 @@ class VirtioMmio:
         DEVICE_NEEDS_RESET; a fault of the device itself is reported the same way."""
         with self.lock:
             if not self.running or not 0 <= index < len(self.queues):
+                return
+            if self._paused:
+                self._deferred.add(index)     # quiesced: processed on resume
                 return
             queue = self.queues[index].queue
             if queue is None:

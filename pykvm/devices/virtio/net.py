@@ -47,6 +47,7 @@ import struct
 import threading
 from typing import Protocol
 
+from ..quiesce import PARK_TIMEOUT, ParkPoint
 from ..tap import TUN_F_CSUM, TUN_F_TSO4, VNET_HDR_SIZE
 from .mmio import VirtioDevice
 from .queue import Chain, SplitQueue
@@ -116,6 +117,7 @@ class Net(VirtioDevice):
         self._stopping = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._park = ParkPoint(self._kick_thread)   # the receive thread's, while paused
 
     # --- configuration and life cycle ---------------------------------------------------------
     def config(self) -> bytes:
@@ -291,12 +293,28 @@ class Net(VirtioDevice):
         t = self.transport
         return t.running and t.queues[RECEIVEQ].queue is not None and not self.rx_stalled
 
+    def pause(self, timeout: float | None = PARK_TIMEOUT) -> bool:
+        """Quiesce (:mod:`pykvm.devices.quiesce`): the receive thread parks without reading the TAP, so
+        frames arriving meanwhile wait in the TAP's queue (the host kernel's, which drops past its length)
+        and are delivered after :meth:`resume`. True once the thread has parked (or does not run)."""
+        return self._park.pause(timeout)
+
+    def resume(self) -> None:
+        """The receive thread reads the TAP again."""
+        self._park.resume()
+
     def _rx_loop(self) -> None:
+        with self._park.running():
+            self._rx_run()
+
+    def _rx_run(self) -> None:
         poller = select.poll()
         poller.register(self._stop, select.POLLIN)
         poller.register(self._wake, select.POLLIN)
         tap_fd, polling_tap = self.tap.fileno(), False
+        park = self._park
         while True:
+            park.park()
             want = self._can_receive()
             if want != polling_tap:
                 if want:
@@ -315,7 +333,7 @@ class Net(VirtioDevice):
                         os.eventfd_read(self._wake)
                     except BlockingIOError:
                         pass
-            if (polling_tap and events) or self.rx_stalled:
+            if ((polling_tap and events) or self.rx_stalled) and not park.requested:
                 self._process_receiveq()
 
     def _process_receiveq(self) -> None:
@@ -333,6 +351,7 @@ class Net(VirtioDevice):
     def stop(self) -> None:
         """End the receive thread and wait for it."""
         thread, self._thread = self._thread, None
+        self._park.stop()
         if thread is not None and thread.is_alive():
             self._stopping = True
             os.eventfd_write(self._stop, 1)
