@@ -179,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_api_options(run, sub)
 
     sub.add_parser("info", help="KVM API version, capabilities pykvm uses, vCPU limits")
-    bench = sub.add_parser("bench", help="exit latency: pykvm against a C KVM_RUN loop (when gcc exists)")
-    bench.add_argument("--count", type=int, default=50_000, help="exits per timed run (default 50000)")
+    bench = sub.add_parser("bench", help="exit latency: pykvm against a C KVM_RUN loop (when gcc exists) and QEMU")
+    bench.add_argument("--count", type=int, default=20_000, help="exits per timed run (default 20000)")
     bench.add_argument("--repeat", type=int, default=5, help="runs per kind and side; medians are used (default 5)")
+    bench.add_argument("--cpu", type=int, help="pin the benchmark (pykvm, the C loop, QEMU) to this host CPU")
+    bench.add_argument("--no-qemu", action="store_true", help="leave QEMU out even when it is installed")
     bench.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     bench.add_argument("--require-c", action="store_true", help="status 2 when gcc cannot build the C baseline")
     bench.add_argument("--plot", metavar="FILE.png",
