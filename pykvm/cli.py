@@ -284,17 +284,15 @@ def _boot(args, plan, firmware, inside, debug_options, before_run=None) -> int:
         with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware,
                      serial_out=output.write) as machine:
             serial = _api_serial(args, output.write)     # --api-sock: also kept for GET /pykvm/console
-            from .devices.virtio import attach_virtio
-            virtio = attach_virtio(machine, *_virtio_devices(args), console_out=output.write,
-                                   nets=_nets(args))
+            virtio_console = _attach_virtio(args, machine, output.write)
             machine.load(plan)
             seeing = inside.attach(machine, debug_options)
             if before_run is not None:
                 before_run()
             on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
-            console = virtio.console or machine.uart
+            console = virtio_console or machine.uart
             # Signals first: from the moment the terminal is raw, SIGTERM/SIGHUP restore it.
-            with _output_wired(output, machine, serial or output.write, virtio.console), \
+            with _output_wired(output, machine, serial or output.write, virtio_console), \
                     _signals_end(machine), \
                     HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver), \
                     _api_while_running(args, machine, serial):
@@ -346,6 +344,15 @@ def _run_ended(args, output: HostOutput, result) -> int:
         with contextlib.suppress(OSError, ValueError):
             print(result.report, file=sys.stderr)
     return result.status
+
+
+def _attach_virtio(args, machine, console_out):
+    """The virtio devices of --drive, --rng, --console virtio and --net on ``machine``; returns the
+    virtio console or None. Without any, the virtio package is not even imported (start-up time)."""
+    if not (args.drive or args.rng or args.console == "virtio" or args.net):
+        return None
+    from .devices.virtio import attach_virtio
+    return attach_virtio(machine, *_virtio_devices(args), console_out=console_out, nets=_nets(args)).console
 
 
 def _virtio_devices(args) -> tuple[list, bool, bool]:

@@ -178,3 +178,27 @@ def test_pykvm_runs_each_kind_to_the_debug_exit_end(kind, name, monkeypatch):
         monkeypatch.setattr(bench, "patch", lambda img, k, n, end=0: real_patch(img, k, n - 1, end))
         with pytest.raises(bench.BenchError, match="expected 300 exits"):
             bench.run_pykvm(image, kind, reason, 300, timeout=30)
+
+
+@pytest.mark.skipif(not _kvm_usable(), reason="/dev/kvm is missing or not accessible: no VM can run")
+def test_startup_times_pykvm_run_against_python_itself():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--repeat", "1", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["repeat"] == 1 and "0.15 s" in proc.stderr
+    for name in ("python", "pykvm", "pykvm-nopyc"):
+        row = result[name]
+        assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"], (name, row)
+        assert row["ratio"] == pytest.approx(row["median_s"] / result["python"]["median_s"], abs=0.006)
+    assert result["pykvm"]["median_s"] > result["python"]["median_s"]     # it did boot a guest
+
+
+def test_startup_reports_a_failing_run(monkeypatch):
+    """A pykvm run that fails is reported with its status and stderr, never timed as a success."""
+    if str(ROOT) not in sys.path:
+        monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import startup
+
+    with pytest.raises(SystemExit, match="failed with status 3: boom"):
+        startup.time_once([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"], {})
