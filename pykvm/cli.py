@@ -114,8 +114,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"pykvm: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``pykvm`` (run, info, fetch); usage errors exit 2 with one line."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of ``pykvm`` (run, info, fetch); usage errors exit 2 with one line.
+
+    ``command``: the command about to be parsed, if known. For one of this module's own commands
+    the engine client's verbs are left out (~20 subparsers: a few ms of every ``pykvm run``)."""
     parser = _Parser(prog="pykvm", description="A small x86 hypervisor in Python over Linux KVM.")
     parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -190,14 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also draw each kind's latency distribution to this PNG (needs pykvm[plot]: matplotlib)")
     fetch = sub.add_parser("fetch", help="download a guest: `pykvm fetch linux` gets Debian's kernel (cached)")
     fetch.add_argument("what", choices=["linux"])
-    from .client import add_parsers  # the daemon and its docker-style client verbs
-    add_parsers(sub, _size, _int)
+    if command not in sub.choices:
+        from .client import add_parsers  # the daemon and its docker-style client verbs
+        add_parsers(sub, _size, _int)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``pykvm`` command; returns its exit status (see the module docstring)."""
-    args = build_parser().parse_args(bind_free_text(sys.argv[1:] if argv is None else list(argv)))
+    argv = bind_free_text(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser(next((word for word in argv if not word.startswith("-")), None)).parse_args(argv)
     try:
         if args.command == "run" and args.detach:
             from .client import run_detached
