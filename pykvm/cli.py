@@ -114,8 +114,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"pykvm: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``pykvm`` (run, info, fetch); usage errors exit 2 with one line."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of ``pykvm`` (run, info, fetch); usage errors exit 2 with one line.
+
+    ``command``: the command about to be parsed, if known. For one of this module's own commands
+    the engine client's verbs are left out (~20 subparsers: a few ms of every ``pykvm run``)."""
     parser = _Parser(prog="pykvm", description="A small x86 hypervisor in Python over Linux KVM.")
     parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -179,23 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_api_options(run, sub)
 
     sub.add_parser("info", help="KVM API version, capabilities pykvm uses, vCPU limits")
-    bench = sub.add_parser("bench", help="exit latency: pykvm against a C KVM_RUN loop (when gcc exists)")
-    bench.add_argument("--count", type=int, default=50_000, help="exits per timed run (default 50000)")
+    bench = sub.add_parser("bench", help="exit latency: pykvm against a C KVM_RUN loop (when gcc exists) and QEMU")
+    bench.add_argument("--count", type=int, default=20_000, help="exits per timed run (default 20000)")
     bench.add_argument("--repeat", type=int, default=5, help="runs per kind and side; medians are used (default 5)")
+    bench.add_argument("--cpu", type=int, help="pin the benchmark (pykvm, the C loop, QEMU) to this host CPU")
+    bench.add_argument("--no-qemu", action="store_true", help="leave QEMU out even when it is installed")
     bench.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     bench.add_argument("--require-c", action="store_true", help="status 2 when gcc cannot build the C baseline")
     bench.add_argument("--plot", metavar="FILE.png",
                        help="also draw each kind's latency distribution to this PNG (needs pykvm[plot]: matplotlib)")
     fetch = sub.add_parser("fetch", help="download a guest: `pykvm fetch linux` gets Debian's kernel (cached)")
     fetch.add_argument("what", choices=["linux"])
-    from .client import add_parsers  # the daemon and its docker-style client verbs
-    add_parsers(sub, _size, _int)
+    if command not in sub.choices:
+        from .client import add_parsers  # the daemon and its docker-style client verbs
+        add_parsers(sub, _size, _int)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``pykvm`` command; returns its exit status (see the module docstring)."""
-    args = build_parser().parse_args(bind_free_text(sys.argv[1:] if argv is None else list(argv)))
+    argv = bind_free_text(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser(next((word for word in argv if not word.startswith("-")), None)).parse_args(argv)
     try:
         if args.command == "run" and args.detach:
             from .client import run_detached
@@ -282,17 +289,15 @@ def _boot(args, plan, firmware, inside, debug_options, before_run=None) -> int:
         with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware,
                      serial_out=output.write) as machine:
             serial = _api_serial(args, output.write)     # --api-sock: also kept for GET /pykvm/console
-            from .devices.virtio import attach_virtio
-            virtio = attach_virtio(machine, *_virtio_devices(args), console_out=output.write,
-                                   nets=_nets(args))
+            virtio_console = _attach_virtio(args, machine, output.write)
             machine.load(plan)
             seeing = inside.attach(machine, debug_options)
             if before_run is not None:
                 before_run()
             on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
-            console = virtio.console or machine.uart
+            console = virtio_console or machine.uart
             # Signals first: from the moment the terminal is raw, SIGTERM/SIGHUP restore it.
-            with _output_wired(output, machine, serial or output.write, virtio.console), \
+            with _output_wired(output, machine, serial or output.write, virtio_console), \
                     _signals_end(machine), \
                     HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver), \
                     _api_while_running(args, machine, serial):
@@ -344,6 +349,15 @@ def _run_ended(args, output: HostOutput, result) -> int:
         with contextlib.suppress(OSError, ValueError):
             print(result.report, file=sys.stderr)
     return result.status
+
+
+def _attach_virtio(args, machine, console_out):
+    """The virtio devices of --drive, --rng, --console virtio and --net on ``machine``; returns the
+    virtio console or None. Without any, the virtio package is not even imported (start-up time)."""
+    if not (args.drive or args.rng or args.console == "virtio" or args.net):
+        return None
+    from .devices.virtio import attach_virtio
+    return attach_virtio(machine, *_virtio_devices(args), console_out=console_out, nets=_nets(args)).console
 
 
 def _virtio_devices(args) -> tuple[list, bool, bool]:

@@ -2,17 +2,20 @@
  * kvm_loop.c - the C baseline of the exit-latency benchmark: the smallest KVM_RUN loop that runs
  * guests/exitloop.bin exactly as pykvm does, so that the two per-exit times can be compared.
  *
- *     kvm_loop IMAGE KIND COUNT
+ *     kvm_loop IMAGE KIND COUNT [END]
  *
  * Builds the same machine as `Machine(mem_size=16 MiB)` + `load_flat(image, 0x8000, PROT32)`:
  * one anonymous 16 MiB RAM slot at guest-physical 0, the flat boot GDT at 0x500 (null, 0x08 code32,
  * 0x10 code32, 0x18 data; see pykvm/x86/segments.py), CS=0x10 / DS=ES=FS=GS=SS=0x18 flat 4 GiB,
  * CR0 = PE|ET, no IDT, RIP = 0x8000, RSP = 0x7000, RFLAGS = 2. The image's parameter block is
- * patched in guest memory (u32 count at +8, u32 kind at +12).
+ * patched in guest memory (u32 count at +8, u32 kind at +12, u32 end at +16). Kind 5 (HLT woken
+ * by the local APIC timer) gets an in-kernel irqchip (KVM_CREATE_IRQCHIP), as
+ * `Machine(irqchip=True)` does.
  *
  * Exits: port I/O OUT is ignored, IN reads 0xff (an unclaimed/sink port); MMIO writes are ignored,
- * reads return 0; KVM_EXIT_HLT ends the run. Only the KVM_RUN loop is timed (CLOCK_MONOTONIC).
- * Prints one line: `elapsed_s=<seconds> exits=<n> io=<n> mmio=<n>`. Exit status 0 on a clean halt.
+ * reads return 0; KVM_EXIT_HLT or an OUT to the debug-exit port 0xf4 (END=1) ends the run; that
+ * last exit is counted in `exits`, not in `io`. Only the KVM_RUN loop is timed (CLOCK_MONOTONIC).
+ * Prints one line: `elapsed_s=<seconds> exits=<n> io=<n> mmio=<n>`. Exit status 0 on a clean end.
  *
  * Built by pykvm.bench (`pykvm bench`, `python -m benchmarks.exit_latency`) with `gcc -O2`.
  */
@@ -33,6 +36,8 @@
 #define LOAD_ADDR 0x8000u
 #define GDT_ADDR 0x500u
 #define STACK 0x7000u
+#define DEBUG_EXIT 0xf4u
+#define KIND_HLT 5u
 
 static void die(const char *what)
 {
@@ -57,13 +62,14 @@ static void set_flat(struct kvm_segment *seg, uint16_t selector, uint8_t type)
 
 int main(int argc, char **argv)
 {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s IMAGE KIND COUNT\n", argv[0]);
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: %s IMAGE KIND COUNT [END]\n", argv[0]);
         return 2;
     }
     const char *path = argv[1];
     uint32_t kind = (uint32_t)strtoul(argv[2], NULL, 0);
     uint32_t count = (uint32_t)strtoul(argv[3], NULL, 0);
+    uint32_t end = argc == 5 ? (uint32_t)strtoul(argv[4], NULL, 0) : 0;
 
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0)
@@ -71,6 +77,8 @@ int main(int argc, char **argv)
     int vm = ioctl(kvm, KVM_CREATE_VM, 0);
     if (vm < 0)
         die("KVM_CREATE_VM");
+    if (kind == KIND_HLT && ioctl(vm, KVM_CREATE_IRQCHIP, 0) < 0)
+        die("KVM_CREATE_IRQCHIP");
 
     uint8_t *mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mem == MAP_FAILED)
@@ -86,13 +94,14 @@ int main(int argc, char **argv)
     if (fd < 0)
         die(path);
     ssize_t n = read(fd, mem + LOAD_ADDR, MEM_SIZE - LOAD_ADDR);
-    if (n < 16) {
+    if (n < 20) {
         fprintf(stderr, "kvm_loop: %s: too short for the exitloop parameter block\n", path);
         return 2;
     }
     close(fd);
     memcpy(mem + LOAD_ADDR + 8, &count, 4);   /* x86: little-endian */
     memcpy(mem + LOAD_ADDR + 12, &kind, 4);
+    memcpy(mem + LOAD_ADDR + 16, &end, 4);
 
     /* The flat boot GDT, byte for byte what pykvm.x86.segments.flat_gdt(False) writes. */
     static const uint8_t gdt[32] = {
@@ -150,6 +159,14 @@ int main(int argc, char **argv)
         exits++;
         switch (run->exit_reason) {
         case KVM_EXIT_IO:
+            if (run->io.port == DEBUG_EXIT && run->io.direction == KVM_EXIT_IO_OUT) {
+                uint8_t value = *((uint8_t *)run + run->io.data_offset);
+                if (value != 0) {
+                    fprintf(stderr, "kvm_loop: the guest wrote %#x to the debug-exit port\n", value);
+                    return 1;
+                }
+                break;   /* END=1: the guest is done */
+            }
             io++;
             if (run->io.direction == KVM_EXIT_IO_IN)
                 memset((uint8_t *)run + run->io.data_offset, 0xff, (size_t)run->io.size * run->io.count);
