@@ -761,6 +761,12 @@ def cmd_vmm(args) -> int:
 def _serve_jailed(args, actions: list) -> int:
     """`pykvm run --jail --config-file/--restore`: :func:`_serve_vmm` in a jail whose limits follow the VM
     the actions build (its RAM and vCPUs)."""
+    return _run_jailed(args, _jailed_serve_target(args, actions))
+
+
+def _jailed_serve_target(args, actions: list):
+    """The jail's target for :func:`_serve_vmm`; sets ``args.mem`` and ``args.cpus`` (the jail's limits)
+    to the VM's that ``actions`` build. UsageError for a snapshot a jail cannot restore."""
     from .api import controller as c
     for action in actions:
         if isinstance(action, c.PutMachineConfig):
@@ -768,7 +774,7 @@ def _serve_jailed(args, actions: list) -> int:
         elif isinstance(action, c.LoadSnapshot):
             config = _jailed_restore_config(action.params.snapshot_path)
             args.mem, args.cpus = config["mem_size"], config["vcpu_count"]
-    return _run_jailed(args, lambda entry: _in_jail(entry, lambda: _serve_vmm(args, actions, entry)))
+    return lambda entry: _in_jail(entry, lambda: _serve_vmm(args, actions, entry))
 
 
 def _jailed_restore_config(path: str) -> dict:
@@ -802,6 +808,14 @@ def _has_file_reference(value) -> bool:
 
 def cmd_run_vmm(args) -> int:
     """`pykvm run --config-file FILE` or `pykvm run --restore STATE --mem-file MEM` (with or without --api-sock)."""
+    actions = _run_vmm_actions(args)
+    if args.jail:
+        return _serve_jailed(args, actions)
+    return _serve_vmm(args, actions)
+
+
+def _run_vmm_actions(args) -> list:
+    """The actions `pykvm run --config-file/--restore` stands for; UsageError for a bad combination."""
     from .api import controller as c
     from .api import models
     if args.config_file is not None and args.restore is not None:
@@ -817,6 +831,4 @@ def cmd_run_vmm(args) -> int:
             raise UsageError("--restore needs the snapshot's memory file: --mem-file MEM")
         load = models.SnapshotLoadParams(snapshot_path=args.restore, mem_file_path=args.mem_file, resume_vm=True)
         actions = [c.LoadSnapshot(load)]
-    if args.jail:
-        return _serve_jailed(args, actions)
-    return _serve_vmm(args, actions)
+    return actions
