@@ -487,6 +487,11 @@ def _quota(text: str) -> float:
 def cmd_jail(args) -> int:
     """``pykvm jail [options] -- run ...``: run the VMM in a jail; returns its status (2 for bad usage)."""
     vmm = args.vmm[1:] if args.vmm[:1] == ["--"] else args.vmm
+    if vmm[:1] == ["vmm"]:
+        raise UsageError("`pykvm jail -- vmm` cannot work: a VMM in its jail can no longer create a VM (its filter "
+                         "refuses KVM_CREATE_VM, and /dev/kvm is root's), so the VM is built before the jail; use "
+                         "`pykvm jail -- run --config-file FILE --api-sock PATH` or `run --restore STATE --mem-file "
+                         "MEM --api-sock PATH`")
     if vmm[:1] != ["run"]:
         raise UsageError("give the VMM's arguments after the jail's: `pykvm jail [options] -- run [run options]`")
     run_args = build_parser().parse_args(vmm)
