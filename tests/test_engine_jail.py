@@ -1,6 +1,8 @@
 """The daemon jails its VMMs (issue 13, part 4): a VM started through `pykvm daemon` as root runs in
 new namespaces, as a non-root uid of its own, under a seccomp filter; it still answers through
-`pykvm attach`; removing it removes its cgroup and its root directory."""
+`pykvm attach`; removing it removes its cgroup and its root directory. Its VMM serves its API from the
+jail, so the daemon pauses, unpauses, reads the stats of, snapshots (taking the files out of the jail),
+restores (jailed) and stops (Ctrl-Alt-Del) it as an unjailed one, also after a daemon restart."""
 
 from __future__ import annotations
 
