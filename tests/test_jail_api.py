@@ -198,3 +198,25 @@ def test_pykvm_run_jailed_serves_its_api_and_snapshots_inside_its_root(tmp_path)
     assert not api.exists()
     time.sleep(0.5)       # the supervisor cleans up after the VMM it outlives
     assert_nothing_left(base, "api-cli", before)
+
+
+def test_a_jailed_restore_refuses_a_snapshot_that_names_host_files(tmp_path):
+    """The restore opens a state file's drives and TAPs before the jail, as root; a snapshot a jailed
+    (untrusted) VMM wrote could name /etc/shadow as a drive, so a jail restores only snapshots naming none."""
+    from jail_helpers import one_paragraph_error
+
+    from pykvm.snapshot import write_state
+    state, mem = tmp_path / "vm.state", tmp_path / "vm.mem"
+    write_state(str(state), {"machine": {"mem_size": 1 << 20, "vcpu_count": 1, "irqchip": False}, "vcpus": [{}],
+                             "virtio": {"drives": [["/etc/shadow", False]], "console": False, "rng": False,
+                                        "nets": []}})
+    mem.write_bytes(bytes(1 << 20))
+    base = tmp_path / "base"
+    base.mkdir()
+    r = subprocess.run([sys.executable, "-m", "pykvm", "jail", "--chroot-base", str(base), "--id", "restore-check",
+                        "--", "run", "--restore", str(state), "--mem-file", str(mem)], cwd=ROOT, capture_output=True,
+                       timeout=60)
+    assert r.returncode == 2
+    message = one_paragraph_error(r.stderr)
+    assert "names host files (drive /etc/shadow)" in message and "--no-jail" in message
+    assert os.listdir(base) == []
