@@ -89,7 +89,8 @@ class Entry:
         return self.config.api_sock_staging
 
     def enter(self) -> None:
-        """The remaining steps, in order: pre-import, namespaces (mount, IPC, UTS, network),
+        """The remaining steps, in order: pre-import, namespaces (IPC, UTS, network; the mount
+        namespace is the process's own from its start),
         pivot into the per-VM root, resource limits, drop to uid/gid with no capabilities and
         no_new_privs, then the seccomp filter. Raises JailError naming a step that failed."""
         steps = [("pre-import", preload), ("namespaces", lambda: namespaces.enter(self.config.netns)),
@@ -244,7 +245,8 @@ def _supervise(config, hierarchy, target, report_fd, keep_fds, caller: int) -> N
     cgroup = cgroups.Cgroup.create(hierarchy, config.id, config.memory, config.cpus, config.pids)
     try:
         root = rootfs.RootDir.create(config, uid, gid)
-        entered_r, entered_w = os.pipe()
+        entered_r, entered_w = os.pipe() if config.api_sock is not None else (None, None)
+        published = None
         try:
             if config.new_pid_ns:
                 namespaces.new_pid_namespace()
@@ -253,16 +255,18 @@ def _supervise(config, hierarchy, target, report_fd, keep_fds, caller: int) -> N
             vpid = os.fork()
             if vpid == 0:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-                os.close(entered_r)
+                if entered_r is not None:
+                    os.close(entered_r)
                 _vmm(config, cgroup, root.root, uid, gid, target, report_fd, keep_fds, entered_w)
-            os.close(entered_w)
+            if entered_w is not None:
+                os.close(entered_w)
             for signum in stops:    # stop the VMM; the cleanup below follows
                 signal.signal(signum, lambda *_: os.kill(vpid, signal.SIGKILL))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
             _send(report_fd, "started", f"{vpid} {uid} {gid}")
-            if config.api_sock is not None:
-                _publish_api_sock(config, entered_r)
-            os.close(entered_r)
+            if entered_r is not None:
+                published = _publish_api_sock(config, entered_r)
+                os.close(entered_r)
             while True:
                 try:
                     _, raw = os.waitpid(vpid, 0)
@@ -276,32 +280,40 @@ def _supervise(config, hierarchy, target, report_fd, keep_fds, caller: int) -> N
                 _send(report_fd, "peak", str(peak))
         finally:
             if config.api_sock is not None:
-                for path in (config.api_sock_staging, config.api_sock):
-                    _remove_socket(path)
+                _remove_socket(config.api_sock_staging)
+                if published is not None:     # only the socket we published, not one found there
+                    _remove_socket(config.api_sock, published)
             root.remove()
     finally:
         cgroup.remove()
 
 
-def _publish_api_sock(config: JailConfig, entered_fd: int) -> None:
+def _publish_api_sock(config: JailConfig, entered_fd: int) -> int | None:
     """Wait until the VMM says it is in its jail (or ends: EOF), then give the socket it bound at
-    the staging path its real name. A VMM that ends before entering publishes nothing."""
+    the staging path its real name; returns its inode number. A VMM that ends before entering
+    publishes nothing (None)."""
     with os.fdopen(os.dup(entered_fd), "rb") as f:
         line = f.readline()
-    if line == b"entered\n" and _is_socket(config.api_sock_staging):
-        os.replace(config.api_sock_staging, config.api_sock)
+    inode = _socket_inode(config.api_sock_staging)
+    if line != b"entered\n" or inode is None:
+        return None
+    os.replace(config.api_sock_staging, config.api_sock)
+    return inode
 
 
-def _is_socket(path: str) -> bool:
+def _socket_inode(path: str) -> int | None:
     try:
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
+        info = os.lstat(path)
     except OSError:
-        return False
+        return None
+    return info.st_ino if stat.S_ISSOCK(info.st_mode) else None
 
 
-def _remove_socket(path: str) -> None:
-    """Remove ``path`` if it is a socket (never anything else another program put there)."""
-    if _is_socket(path):
+def _remove_socket(path: str, inode: int | None = None) -> None:
+    """Remove ``path`` if it is a socket (never anything else another program put there) -- with
+    ``inode``, only if it is still that one."""
+    found = _socket_inode(path)
+    if found is not None and inode in (None, found):
         try:
             os.unlink(path)
         except OSError:
