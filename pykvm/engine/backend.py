@@ -319,8 +319,13 @@ class Backend:
             if api_sock is not None:
                 api_sock.unlink(missing_ok=True)
             if jailed and restoring:     # loaded before the jail, from the daemon's own copy (adopt_snapshot)
-                for name in ("state", "mem"):
-                    fds[name] = os.open(vmdir / "snapshot" / name, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    for name in ("state", "mem"):
+                        fds[name] = os.open(vmdir / "snapshot" / name, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    for fd in fds.values():
+                        os.close(fd)
+                    raise Conflict(f"VM {vm.name}'s snapshot files cannot be opened: {e.strerror}") from None
                 argv = restore_argv(f"/proc/self/fd/{fds['state']}", f"/proc/self/fd/{fds['mem']}", api_sock)
             else:
                 argv = vmm_argv(vm.spec, {k: f"/proc/self/fd/{fd}" for k, fd in fds.items()}, api_sock,
