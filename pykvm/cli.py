@@ -281,9 +281,10 @@ def cmd_run(args) -> int:
     return _boot(args, plan, firmware, inside, debug_options)
 
 
-def _boot(args, plan, firmware, inside, debug_options, before_run=None) -> int:
+def _boot(args, plan, firmware, inside, debug_options, before_run=None, api_staging=None) -> int:
     """Create the Machine, load the plan, run it; ``before_run`` (entering a jail) is called once
-    everything is open and before the guest's first instruction."""
+    everything is open and before the guest's first instruction. ``api_staging``: in a jail, where
+    the --api-sock socket is bound; its server starts before ``before_run`` (see ApiServer)."""
     from .machine import Machine  # imports KVM bits only when a VM is really wanted
     with _host_output() as output:
         with Machine(mem_size=args.mem, cpus=args.cpus, irqchip=plan.irqchip, firmware=firmware,
@@ -292,16 +293,19 @@ def _boot(args, plan, firmware, inside, debug_options, before_run=None) -> int:
             virtio_console = _attach_virtio(args, machine, output.write)
             machine.load(plan)
             seeing = inside.attach(machine, debug_options)
-            if before_run is not None:
-                before_run()
-            on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
-            console = virtio_console or machine.uart
-            # Signals first: from the moment the terminal is raw, SIGTERM/SIGHUP restore it.
-            with _output_wired(output, machine, serial or output.write, virtio_console), \
-                    _signals_end(machine), \
-                    HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver), \
-                    _api_while_running(args, machine, serial):
-                result = machine.run(timeout=args.timeout)
+            jailed = before_run is not None
+            # Jailed: the API's threads and listening socket exist before the jail (it allows no socket calls)
+            with _api_while_running(args, machine, serial, api_staging) if jailed else contextlib.nullcontext():
+                if jailed:
+                    before_run()
+                on_quit = lambda: machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
+                console = virtio_console or machine.uart
+                # Signals first: from the moment the terminal is raw, SIGTERM/SIGHUP restore it.
+                with _output_wired(output, machine, serial or output.write, virtio_console), \
+                        _signals_end(machine), \
+                        HostConsole(console, on_quit=on_quit, wait_for_driver=plan.console_waits_for_driver), \
+                        (contextlib.nullcontext() if jailed else _api_while_running(args, machine, serial)):
+                    result = machine.run(timeout=args.timeout)
             seeing.finish()
     return _run_ended(args, output, result)
 
@@ -497,6 +501,11 @@ def _quota(text: str) -> float:
 def cmd_jail(args) -> int:
     """``pykvm jail [options] -- run ...``: run the VMM in a jail; returns its status (2 for bad usage)."""
     vmm = args.vmm[1:] if args.vmm[:1] == ["--"] else args.vmm
+    if vmm[:1] == ["vmm"]:
+        raise UsageError("`pykvm jail -- vmm` cannot work: a VMM in its jail can no longer create a VM (its filter "
+                         "refuses KVM_CREATE_VM, and /dev/kvm is root's), so the VM is built before the jail; use "
+                         "`pykvm jail -- run --config-file FILE --api-sock PATH` or `run --restore STATE --mem-file "
+                         "MEM --api-sock PATH`")
     if vmm[:1] != ["run"]:
         raise UsageError("give the VMM's arguments after the jail's: `pykvm jail [options] -- run [run options]`")
     run_args = build_parser().parse_args(vmm)
@@ -537,7 +546,8 @@ def _jail_config(args):
     config = JailConfig(id=opt("id") or f"pykvm-{os.getpid()}", uid=opt("uid"), gid=opt("gid"), chroot_base=base,
                         memory=opt("memory"), cpus=opt("cpus"), pids=opt("pids") or max(64, args.cpus + 32),
                         netns=opt("netns"), daemonize=bool(opt("daemonize")), resource_limits=limits, files=files,
-                        seccomp=opt("seccomp") or "kill", cgroup_version=opt("cgroup_version"))
+                        seccomp=opt("seccomp") or "kill", cgroup_version=opt("cgroup_version"),
+                        api_sock=os.path.abspath(args.api_sock) if getattr(args, "api_sock", None) else None)
     need = args.mem + MIN_VMM_OVERHEAD
     if config.memory is None:
         config.memory = args.mem + VMM_OVERHEAD
@@ -553,9 +563,16 @@ def _jail_config(args):
 def _jailed_boot(args, plan, firmware, inside, debug_options, entry) -> int:
     """In the jailed process: boot, entering the jail once the VM and its files are open; errors
     become one paragraph and their status there, as in main()."""
+    return _in_jail(entry, lambda: _boot(args, plan, firmware, inside, debug_options, entry.enter,
+                                         entry.api_sock_staging))
+
+
+def _in_jail(entry, body) -> int:
+    """``body()`` in the jailed process (it calls ``entry.enter``); a PykvmError becomes one paragraph
+    and its status, as in main()."""
     from .jail import JailError
     try:
-        return _boot(args, plan, firmware, inside, debug_options, entry.enter)
+        return body()
     except JailError:
         raise       # the supervisor reports it
     except PykvmError as e:
@@ -664,9 +681,9 @@ def _api_serial(args, out):
     return SerialRing(out)
 
 
-def _api_while_running(args, machine, serial):
-    """Serve the API for an already booted machine (`pykvm run --api-sock`), or nothing."""
-    import contextlib
+def _api_while_running(args, machine, serial, staging=None):
+    """Serve the API for an already booted machine (`pykvm run --api-sock`), or nothing. ``staging``:
+    a jailed VMM's socket (see ApiServer)."""
     if getattr(args, "api_sock", None) is None:
         return contextlib.nullcontext()
     from .api.controller import Vmm
@@ -675,7 +692,7 @@ def _api_while_running(args, machine, serial):
     vmm = Vmm(args.id, machine=machine)
     vmm.serial = serial
     stack.callback(vmm.shutdown)
-    stack.enter_context(ApiServer(vmm, args.api_sock))
+    stack.enter_context(ApiServer(vmm, args.api_sock, staging))
     return stack
 
 
@@ -710,10 +727,12 @@ def _config_actions(path: str) -> list:
     return actions + [c.StartInstance()]
 
 
-def _serve_vmm(args, actions: list) -> int:
+def _serve_vmm(args, actions: list, entry=None) -> int:
     """Run a Vmm: apply ``actions`` (a config file, a snapshot load), serve the API if asked, run the machine on
     this (the main) thread until the guest ends. Output, signals and statuses as for ``pykvm run``
-    (:func:`_host_output`, :func:`_output_wired`, :func:`_signals_end`)."""
+    (:func:`_host_output`, :func:`_output_wired`, :func:`_signals_end`). ``entry``: in a jail
+    (`--jail`), the jail is entered once the machine is built from ``actions`` -- a jailed VMM can
+    no longer create a VM -- and before its first instruction; the API socket is bound before."""
     from .api import controller as c
     from .api.server import ApiServer
 
@@ -728,7 +747,8 @@ def _serve_vmm(args, actions: list) -> int:
     with _host_output() as output:
         vmm = c.Vmm(args.id, serial_out=output.write)
         try:
-            with ApiServer(vmm, args.api_sock) if args.api_sock else contextlib.nullcontext():
+            staging = entry.api_sock_staging if entry is not None else None
+            with ApiServer(vmm, args.api_sock, staging) if args.api_sock else contextlib.nullcontext():
                 for action in actions:
                     try:
                         vmm.submit(action)
@@ -739,6 +759,8 @@ def _serve_vmm(args, actions: list) -> int:
                         pass
                 except KeyboardInterrupt:
                     return 130
+                if entry is not None:
+                    entry.enter()
                 on_quit = lambda: vmm.machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
                 with _output_wired(output, vmm.machine, vmm.serial), _signals_end(vmm.machine), \
                         HostConsole(vmm.machine.uart, on_quit=on_quit):  # stdin to the serial port, as Firecracker's
@@ -755,8 +777,64 @@ def cmd_vmm(args) -> int:
     return _serve_vmm(args, _config_actions(args.config_file) if args.config_file else [])
 
 
+def _serve_jailed(args, actions: list) -> int:
+    """`pykvm run --jail --config-file/--restore`: :func:`_serve_vmm` in a jail whose limits follow the VM
+    the actions build (its RAM and vCPUs)."""
+    return _run_jailed(args, _jailed_serve_target(args, actions))
+
+
+def _jailed_serve_target(args, actions: list):
+    """The jail's target for :func:`_serve_vmm`; sets ``args.mem`` and ``args.cpus`` (the jail's limits)
+    to the VM's that ``actions`` build. UsageError for a snapshot a jail cannot restore."""
+    from .api import controller as c
+    for action in actions:
+        if isinstance(action, c.PutMachineConfig):
+            args.mem, args.cpus = action.config.mem_size_mib << 20, action.config.vcpu_count
+        elif isinstance(action, c.LoadSnapshot):
+            config = _jailed_restore_config(action.params.snapshot_path)
+            args.mem, args.cpus = config["mem_size"], config["vcpu_count"]
+    return lambda entry: _in_jail(entry, lambda: _serve_vmm(args, actions, entry))
+
+
+def _jailed_restore_config(path: str) -> dict:
+    """The machine a snapshot to restore in a jail needs; UsageError for one that names host files.
+
+    A restore opens what the state file names -- drives, TAPs, boot files stored by reference -- before
+    the jail, as root; a snapshot taken by a jailed VMM was written by it, so those names are not
+    trusted: such snapshots are refused here (restore them unjailed, as their owner)."""
+    from .snapshot import machine_state, read_state
+    try:
+        state = read_state(path)
+        config = machine_state.check_config(state)
+    except PykvmError as e:
+        raise UsageError(str(e)) from None
+    virtio = state.get("virtio") or {}
+    named = [f"drive {d[0]}" for d in virtio.get("drives") or []] + [f"TAP {n[0]}" for n in virtio.get("nets") or []]
+    if named or _has_file_reference(state):
+        what = ", ".join(named) if named else "boot files stored by reference"
+        raise UsageError(f"snapshot {path} names host files ({what}); a jailed VMM restores only snapshots "
+                         "that name none (restore it with --no-jail)")
+    return config
+
+
+def _has_file_reference(value) -> bool:
+    if isinstance(value, dict):
+        return "$file" in value or any(_has_file_reference(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_file_reference(v) for v in value)
+    return False
+
+
 def cmd_run_vmm(args) -> int:
     """`pykvm run --config-file FILE` or `pykvm run --restore STATE --mem-file MEM` (with or without --api-sock)."""
+    actions = _run_vmm_actions(args)
+    if args.jail:
+        return _serve_jailed(args, actions)
+    return _serve_vmm(args, actions)
+
+
+def _run_vmm_actions(args) -> list:
+    """The actions `pykvm run --config-file/--restore` stands for; UsageError for a bad combination."""
     from .api import controller as c
     from .api import models
     if args.config_file is not None and args.restore is not None:
@@ -766,8 +844,10 @@ def cmd_run_vmm(args) -> int:
     if args.restore is None:
         if args.mem_file is not None:
             raise UsageError("--mem-file goes with --restore STATE (the snapshot's state file)")
-        return _serve_vmm(args, _config_actions(args.config_file))
-    if args.mem_file is None:
-        raise UsageError("--restore needs the snapshot's memory file: --mem-file MEM")
-    load = models.SnapshotLoadParams(snapshot_path=args.restore, mem_file_path=args.mem_file, resume_vm=True)
-    return _serve_vmm(args, [c.LoadSnapshot(load)])
+        actions = _config_actions(args.config_file)
+    else:
+        if args.mem_file is None:
+            raise UsageError("--restore needs the snapshot's memory file: --mem-file MEM")
+        load = models.SnapshotLoadParams(snapshot_path=args.restore, mem_file_path=args.mem_file, resume_vm=True)
+        actions = [c.LoadSnapshot(load)]
+    return actions

@@ -1,11 +1,14 @@
 """The daemon jails its VMMs (issue 13, part 4): a VM started through `pykvm daemon` as root runs in
 new namespaces, as a non-root uid of its own, under a seccomp filter; it still answers through
-`pykvm attach`; removing it removes its cgroup and its root directory."""
+`pykvm attach`; removing it removes its cgroup and its root directory. Its VMM serves its API from the
+jail, so the daemon pauses, unpauses, reads the stats of, snapshots (taking the files out of the jail),
+restores (jailed) and stops (Ctrl-Alt-Del) it as an unjailed one, also after a daemon restart."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -106,5 +109,124 @@ def test_no_jail_is_explicit_and_logged(tmp_path):
         pid = wait_for(lambda: state_of(d, "free")["Pid"], what="the VMM's pid")
         assert _status(pid)["Uid"].split()[0] == "0"
         assert "--no-jail: VMMs run unjailed" in (d.dir / "daemon.log").read_text()
+    finally:
+        d.close()
+
+
+# Echoes COM1 like engine_helpers.ECHO_GUEST ('q' ends it: status 7), and ends with debug-exit 5 (status 11)
+# when the keyboard controller has a byte for it: the scan codes of a SendCtrlAltDel.
+CAD_GUEST = """
+1:  mov $0x64, %dx
+    in %dx, %al
+    test $1, %al
+    jnz 3f
+    mov $0x3fd, %dx
+    in %dx, %al
+    test $1, %al
+    jz 1b
+    mov $0x3f8, %dx
+    in %dx, %al
+    cmp $'q', %al
+    je 2f
+    out %al, %dx
+    jmp 1b
+2:  mov $0xf4, %dx
+    mov $3, %al
+    out %al, %dx
+3:  mov $0xf4, %dx
+    mov $5, %al
+    out %al, %dx
+"""
+CAD_STATUS = 11     # (5 << 1) | 1
+
+
+def _cad_guest(tmp_path) -> str:
+    from conftest import assemble
+    path = tmp_path / "cad.bin"
+    path.write_bytes(assemble(CAD_GUEST, 64, tmp_path))
+    path.chmod(0o644)
+    return str(path)
+
+
+def _jailed(daemon: Daemon, ref: str) -> dict:
+    """The VM's jail record once its VMM is in the jail and its API socket is published."""
+    def ready():
+        info = _inspect(daemon, ref)
+        return info["Jail"].get("Jailed") and info["ApiSocket"] and os.path.exists(info["ApiSocket"]) and info
+    return wait_for(ready, what=f"{ref}'s jailed VMM and its API socket")
+
+
+def _echo(daemon: Daemon, ref: str, text: bytes) -> bytes:
+    attach = subprocess.Popen([sys.executable, "-m", "pykvm", "attach", ref], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
+    try:
+        out, _ = attach.communicate(text, timeout=30)
+    except subprocess.TimeoutExpired:
+        attach.kill()
+        out, _ = attach.communicate()
+    return out
+
+
+def test_jailed_vm_pauses_snapshots_restores_jailed_and_stops_by_ctrl_alt_del(daemon, tmp_path):
+    assert daemon.pykvm("run", "-d", "--name", "src", _cad_guest(tmp_path)).returncode == 0
+    info = _jailed(daemon, "src")
+    sock = info["ApiSocket"]
+    assert stat.S_ISSOCK(os.lstat(sock).st_mode) and os.lstat(sock).st_mode & 0o777 == 0o600
+    # the VMM behind the socket is the jailed one: it accepts there, and has no way to make a socket
+    pid = info["Jail"]["Pid"]
+    assert _status(pid)["Seccomp"].strip() == "2" and _status(pid)["Uid"].split()[0] == str(info["Jail"]["Uid"])
+    r = daemon.pykvm("pause", "src")
+    assert r.returncode == 0, r.stderr
+    assert state_of(daemon, "src")["Status"] == "paused"
+    stats = json.loads(daemon.pykvm("stats", "--no-stream", "--format", "json", "src").stdout)
+    assert stats["exits"]["reasons"]["IO"]["count"] > 0          # read live from the jailed VMM's API
+    r = daemon.pykvm("unpause", "src")
+    assert r.returncode == 0, r.stderr
+    assert state_of(daemon, "src")["Status"] == "running"
+    r = daemon.pykvm("snapshot", "src", "snap1")
+    assert r.returncode == 0, r.stderr
+    # written in the jail's /run, taken out into the VM's directory: root's, 0600; nothing left in the jail
+    where = daemon.state / "vms" / info["Id"][:16] / "snapshots" / "snap1"
+    for name in ("state", "mem"):
+        st = os.lstat(where / name)
+        assert stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_mode & 0o777) == (0, 0o600), name
+    assert os.listdir(os.path.join(info["Jail"]["Root"], "run")) == []
+    assert state_of(daemon, "src")["Status"] == "running"
+    assert b"before" in _echo(daemon, "src", b"before")
+    # create-from-snapshot: the copy runs jailed too, and goes on where the source was
+    assert daemon.pykvm("create", "--name", "copy", "--from-snapshot", "src:snap1").returncode == 0
+    r = daemon.pykvm("start", "copy")
+    assert r.returncode == 0, r.stderr
+    copy = _jailed(daemon, "copy")
+    assert copy["Jail"]["Uid"] != info["Jail"]["Uid"]
+    assert b"restored" in _echo(daemon, "copy", b"restored")
+    # stop: Ctrl-Alt-Del through each jailed VMM's API; the guest ends itself (11), not SIGKILL (137)
+    for ref in ("copy", "src"):
+        r = daemon.pykvm("stop", "-t", "60", ref)
+        assert r.returncode == 0, r.stderr
+        assert state_of(daemon, ref)["ExitCode"] == CAD_STATUS, ref
+    assert not os.path.exists(sock) and not os.path.exists(info["Jail"]["Root"])
+
+
+def test_restarted_daemon_readopts_a_jailed_vm_and_its_api_socket(tmp_path):
+    why = _jail_ready()
+    if why:
+        pytest.skip(why)
+    d = Daemon()
+    d.start()
+    try:
+        assert d.pykvm("run", "-d", "--name", "kept", _cad_guest(tmp_path)).returncode == 0
+        info = _jailed(d, "kept")
+        d.remember_shims()
+        d.stop()
+        d.start()
+        assert _inspect(d, "kept")["Jail"]["Pid"] == info["Jail"]["Pid"]
+        r = d.pykvm("pause", "kept")
+        assert r.returncode == 0, r.stderr
+        r = d.pykvm("unpause", "kept")
+        assert r.returncode == 0, r.stderr
+        r = d.pykvm("stop", "-t", "60", "kept")
+        assert r.returncode == 0, r.stderr
+        assert state_of(d, "kept")["ExitCode"] == CAD_STATUS
     finally:
         d.close()

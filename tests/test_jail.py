@@ -85,14 +85,19 @@ def test_root_holds_only_dev_kvm_and_the_given_files_read_only(jail, tmp_path):
     def target(entry):
         drive_fd = os.open("disk.img", os.O_RDWR)    # opened before entering, as the VMM does
         entry.enter()
-        if sorted(os.listdir("/")) != ["dev", "disk.img", "vmlinux"] or os.listdir("/dev") != ["kvm"]:
+        if sorted(os.listdir("/")) != ["dev", "disk.img", "run", "vmlinux"] or os.listdir("/dev") != ["kvm"]:
             return 1
         if open("/vmlinux", "rb").read() != b"kernel":
             return 2
         os.pwrite(drive_fd, b"written in jail", 0)
-        ro = [bool(os.statvfs(p).f_flag & os.ST_RDONLY) for p in ("/", "/vmlinux", "/disk.img")]
-        if ro != [True, True, False]:
+        ro = [bool(os.statvfs(p).f_flag & os.ST_RDONLY) for p in ("/", "/vmlinux", "/disk.img", "/run")]
+        if ro != [True, True, False, False]:
             return 3
+        run = os.stat("/run")     # the one writable place: the jail's uid's, nobody else's
+        if (run.st_uid, run.st_gid, run.st_mode & 0o7777) != (entry.uid, entry.gid, 0o700) or os.listdir("/run"):
+            return 5
+        with open("/run/written", "w") as f:
+            f.write("in the jail's /run")
         if expect_errno(lambda: open("/new-file", "w"), errno.EROFS, errno.EACCES):
             return 4
         return expect_errno(lambda: os.open("/dev/kvm", os.O_RDWR), errno.EACCES)   # root's node, 0660

@@ -204,14 +204,20 @@ def bind_unix(path: str, bind_path: str | None = None) -> socket.socket:
 
 
 class ApiServer:
-    """uvicorn serving ``build_app(vmm)`` on a Unix socket, in its own thread. A context manager."""
+    """uvicorn serving ``build_app(vmm)`` on a Unix socket, in its own thread. A context manager.
 
-    def __init__(self, vmm: c.Vmm, path: str) -> None:
+    ``staging``: a jailed VMM's socket (pykvm.jail): bound and listened on at ``staging`` before the
+    VMM enters its jail, served from there; the jail's supervisor renames it to ``path`` once the
+    VMM is jailed and removes it at the end, so this server neither renames nor unlinks it (in the
+    jail it could not: only accept, read and write on the socket are left to it)."""
+
+    def __init__(self, vmm: c.Vmm, path: str, staging: str | None = None) -> None:
         import uvicorn
         self.path = path
+        self._publish = staging is None
         # Bound under a temporary name and renamed once uvicorn serves it: a client that sees the socket is
         # answered at once, instead of waiting in the backlog for the server's start-up (~25 ms).
-        self._bind_path = f"{path}.{os.getpid()}.tmp"
+        self._bind_path = staging or f"{path}.{os.getpid()}.tmp"
         self._sock = bind_unix(path, self._bind_path)
         app = build_app(vmm)
         app.middleware_stack = app.build_middleware_stack()   # built now, not during the first request (~20 ms)
@@ -229,7 +235,8 @@ class ApiServer:
                 raise UsageError(f"the API server could not start on {self.path}")
             time.sleep(0.002)
         self._warm_up()
-        os.rename(self._bind_path, self.path)
+        if self._publish:
+            os.rename(self._bind_path, self.path)
         return self
 
     def _warm_up(self) -> None:
@@ -250,6 +257,6 @@ class ApiServer:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         self._sock.close()
-        for path in (self._bind_path, self.path):
+        for path in (self._bind_path, self.path) if self._publish else ():
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +27,7 @@ from .. import __version__
 from . import logs, network
 from .access import Caller, Forbidden, open_as
 from .store import BadRequest, Conflict, NotFound, Store, Vm, check_name, new_id
-from .vmm import VmmApi, VmmError, has_jail, has_vmm_api, jailed_argv, launch_shim, vmm_argv
+from .vmm import VmmApi, VmmError, has_jail, has_vmm_api, jailed_argv, launch_shim, restore_argv, vmm_argv
 
 log = logging.getLogger("pykvm.engine")
 
@@ -307,20 +309,29 @@ class Backend:
             vmdir = self.vmdir(vm.id)
             vmdir.mkdir(mode=0o700, exist_ok=True)
             restoring = bool(vm.spec.get("FromSnapshot"))
-            # A jailed VMM serves no API socket: it would bind it after the pivot, in a read-only root
-            # and under a seccomp filter without socket calls (see the README's engine section).
-            jailed = self.jail and not restoring
-            api_sock = vmdir / "api.sock" if has_vmm_api() and not jailed else None
+            # A jailed VMM serves its API socket too: bound before its jail, published once it is in (pykvm.jail)
+            jailed = self.jail
+            api_sock = vmdir / "api.sock" if has_vmm_api() else None
             if restoring and api_sock is None:
+                for fd in fds.values():
+                    os.close(fd)
                 raise Conflict("this pykvm has no per-VM API, so it cannot restore a snapshot")
             if api_sock is not None:
                 api_sock.unlink(missing_ok=True)
-            argv = vmm_argv(vm.spec, {k: f"/proc/self/fd/{fd}" for k, fd in fds.items()}, api_sock,
-                            network.load(vmdir) if vm.spec.get("Network") else None)
+            if jailed and restoring:     # loaded before the jail, from the daemon's own copy (adopt_snapshot)
+                try:
+                    for name in ("state", "mem"):
+                        fds[name] = os.open(vmdir / "snapshot" / name, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    for fd in fds.values():
+                        os.close(fd)
+                    raise Conflict(f"VM {vm.name}'s snapshot files cannot be opened: {e.strerror}") from None
+                argv = restore_argv(f"/proc/self/fd/{fds['state']}", f"/proc/self/fd/{fds['mem']}", api_sock)
+            else:
+                argv = vmm_argv(vm.spec, {k: f"/proc/self/fd/{fd}" for k, fd in fds.items()}, api_sock,
+                                network.load(vmdir) if vm.spec.get("Network") else None)
             if jailed:
                 argv = jailed_argv(argv, vmdir, self.jail_base)
-            elif self.jail:
-                log.warning("VM %s restores a snapshot: its VMM (`pykvm vmm`) runs unjailed", vm.name)
             try:
                 proc = launch_shim(vmdir, argv, list(fds.values()))
             finally:
@@ -336,7 +347,7 @@ class Backend:
             vmm_pid = await self._vmm_pid(vm)
             if vmm_pid:
                 self.store.update(vm.id, vmm_pid=vmm_pid)
-            if restoring:
+            if restoring and not jailed:
                 await self._restore(self.store.get(vm.id))
             elif api_sock is not None:
                 await self._api_ready(self.store.get(vm.id))
@@ -507,16 +518,30 @@ class Backend:
             raise Conflict(f"VM {vm.name} already has a snapshot named {name}")
         where.mkdir(parents=True, mode=0o700)
         api = vm.api_sock
+        jail = self._jail_info(vm)
+        # A jailed VMM sees only its root: it writes to its /run (Root/run on the host), and the files are
+        # taken out of the jail once it is done (see _take_out)
+        inside = {n: f"/run/snapshot.{n}" for n in ("state", "mem")} if jail["Jailed"] else \
+            {n: str(where / n) for n in ("state", "mem")}
         async with self._lock(vm.id):
             try:
+                if jail["Jailed"]:
+                    for n in inside:
+                        _remove_regular(Path(jail["Root"]) / "run" / f"snapshot.{n}")
                 if vm.state == "running":
                     await VmmApi(api).call("PATCH", "/vm", {"state": "Paused"})
                 await VmmApi(api, timeout=120).call("PUT", "/snapshot/create", {
-                    "snapshot_type": "Full", "snapshot_path": str(where / "state"),
-                    "mem_file_path": str(where / "mem")})
-            except VmmError as e:
+                    "snapshot_type": "Full", "snapshot_path": inside["state"], "mem_file_path": inside["mem"]})
+                if jail["Jailed"]:
+                    for n in inside:
+                        _take_out(Path(jail["Root"]) / "run" / f"snapshot.{n}", where / n, jail["Uid"])
+            except (VmmError, OSError) as e:
                 shutil.rmtree(where, ignore_errors=True)
-                raise Conflict(str(e)) from None
+                if jail["Jailed"]:
+                    for n in inside:
+                        _remove_regular(Path(jail["Root"]) / "run" / f"snapshot.{n}")
+                raise Conflict(str(e) if isinstance(e, VmmError) else
+                               f"cannot take VM {vm.name}'s snapshot out of its jail: {e}") from None
             finally:
                 if vm.state == "running":
                     with contextlib.suppress(VmmError):
@@ -631,6 +656,36 @@ class Backend:
                 with contextlib.suppress(VmmError):
                     out["exits"] = await VmmApi(vm.api_sock, timeout=2).call("GET", "/pykvm/stats")
         return out
+
+
+def _take_out(src: Path, dst: Path, uid: int) -> None:
+    """Move a file a jailed VMM wrote (``src``, in its root's /run) to ``dst`` in the daemon's own
+    directory, owned by root and 0600. Only a regular file with one link, owned by the jail's uid, is
+    taken (the VMM can make nothing else there: its filter has no symlink, link or mknod); it is checked
+    again where the VMM cannot reach it. OSError otherwise."""
+    info = os.lstat(src)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != uid:
+        raise OSError(f"{src} is not a regular file of the VMM's")
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(src, dst, follow_symlinks=False)      # another file system: copy, then remove
+        os.unlink(src)
+    info = os.lstat(dst)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.unlink(dst)
+        raise OSError(f"{src} changed while it was taken out of the jail")
+    os.chown(dst, 0, 0)        # dst: in the daemon's directory (0700), checked just above
+    os.chmod(dst, 0o600)
+
+
+def _remove_regular(path: Path) -> None:
+    """Remove ``path`` if it is a regular file (a stale snapshot file in a jail's /run)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 def _meminfo(key: str) -> int:

@@ -10,7 +10,13 @@ needs that the command line does not give:
   so the jailed VMM opens exactly what the caller was allowed to open, never a path again; they
   are therefore not bind-mounted into its root (it needs no name for them);
 - before entering the jail, the jailed process writes ``VMDIR/jail.json`` (its host pid, uid,
-  gid, jail id and root directory) for ``pykvm inspect`` and the tests.
+  gid, jail id and root directory) for ``pykvm inspect``, the daemon's snapshots (the files the VMM
+  writes to its /run are ``Root/run/...`` on the host) and the tests.
+
+With ``--api-sock VMDIR/api.sock`` the VMM serves its API from the jail (pykvm.jail: bound before
+the jail, published once it is in). ``run --restore /proc/self/fd/N --mem-file /proc/self/fd/M``
+continues a snapshot in the jail: loaded before the jail from descriptors the daemon opened, as
+the kernel and drives are (a VMM in its jail can no longer create a VM).
 
 The jail's id is the VM directory's name (16 hex digits), its chroot base ``STATE/jail``: the
 supervisor removes the cgroup and the root directory when the VMM ends, as for ``pykvm jail``.
@@ -50,11 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         run.jail = True
         run.jail_options = argparse.Namespace(id=jail_id, chroot_base=base)
         os.makedirs(base, 0o755, exist_ok=True)
-        from ..debug import inside
-        debug_options = cli._debug_options(run)
-        inside.check(debug_options)
-        plan = cli._plan_for(run)
-        keep = tuple(int(p.split(",")[0][len("/proc/self/fd/"):]) for p in (run.kernel, run.initrd, *run.drive)
+        if run.restore is not None or run.config_file is not None:    # a snapshot to continue
+            vmm = cli._jailed_serve_target(run, cli._run_vmm_actions(run))
+        else:
+            from ..debug import inside
+            debug_options = cli._debug_options(run)
+            inside.check(debug_options)
+            plan = cli._plan_for(run)
+            vmm = lambda entry: cli._jailed_boot(run, plan, None, inside, debug_options, entry)  # noqa: E731
+        given = (run.kernel, run.initrd, *run.drive, run.restore, run.mem_file)
+        keep = tuple(int(p.split(",")[0][len("/proc/self/fd/"):]) for p in given
                      if p and p.split(",")[0].startswith("/proc/self/fd/"))
 
         def target(entry) -> int:
@@ -62,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = vmdir / "jail.json.tmp"
             tmp.write_text(json.dumps(record))
             os.replace(tmp, vmdir / "jail.json")
-            return cli._jailed_boot(run, plan, None, inside, debug_options, entry)
+            return vmm(entry)
 
         from ..jail import spawn
         config = cli._jail_config(run)

@@ -66,6 +66,14 @@ def vmm_argv(spec: dict, fd_paths: dict, api_sock: Path | None, net: dict | None
     return argv
 
 
+def restore_argv(state: str, mem: str, api_sock: Path) -> list[str]:
+    """``python -m pykvm run --restore STATE --mem-file MEM --api-sock SOCK``: a jailed VMM continuing a
+    snapshot (the daemon's descriptors as ``/proc/self/fd/N``); it loads before entering its jail, where
+    it could no longer create the VM that a ``pykvm vmm`` + PUT /snapshot/load would."""
+    return [sys.executable, "-m", "pykvm", "run", "-q", "--restore", state, "--mem-file", mem,
+            "--api-sock", str(api_sock)]
+
+
 def jailed_argv(argv: list[str], vmdir: Path, chroot_base: Path) -> list[str]:
     """``argv`` (a ``pykvm run`` from :func:`vmm_argv`) started in a jail by :mod:`pykvm.engine.jailrun`:
     the jail's id is the VM directory's name (hex digits, as the jail's id rule wants)."""

@@ -19,6 +19,7 @@ DEFAULT_CHROOT_BASE = "/srv/jailer"      # as Firecracker's jailer
 UID_BASE = 1_000_000    # default uid/gid = UID_BASE + the supervisor's pid: distinct per running VM
 DEFAULT_NOFILE = 2048   # Firecracker's default for RLIMIT_NOFILE
 MIN_CPU_QUOTA = 0.01    # cpu.cfs_quota_us >= 1000 us at the 100 ms period
+SUN_PATH_MAX = 108      # bytes of a Unix socket's path, with its NUL (unix(7))
 MIN_PIDS = 8            # the interpreter, its vCPU, device and console threads
 
 
@@ -45,7 +46,11 @@ class JailConfig:
     ``netns``: a network namespace file to join (``/run/netns/NAME``); None: a new, empty one.
     ``resource_limits``: {"no-file": n, "fsize": bytes} (setrlimit). ``seccomp``: "kill" (a
     forbidden system call kills the VMM with SIGSYS and is reported), "log" (allowed but logged
-    by the kernel: for deriving the allowlist) or "off"."""
+    by the kernel: for deriving the allowlist) or "off".
+    ``api_sock``: the host path of the VMM's API socket, or None. The VMM binds and listens on
+    :attr:`api_sock_staging` before it enters the jail (afterwards it only accepts connections);
+    the supervisor renames it to ``api_sock`` once the VMM is in its jail -- so a client that finds
+    the socket talks to a jailed VMM -- and removes it when the VMM ends."""
 
     id: str
     uid: int | None = None
@@ -62,6 +67,13 @@ class JailConfig:
     kvm_device: str = "/dev/kvm"
     seccomp: str = "kill"
     cgroup_version: int | None = None   # None: detected at run time (pykvm.jail.cgroups.detect)
+    api_sock: str | None = None
+
+    @property
+    def api_sock_staging(self) -> str | None:
+        """Where the VMM binds its API socket before the jail: beside ``api_sock`` (a rename within
+        one directory), named after the jail's id."""
+        return None if self.api_sock is None else f"{self.api_sock}.{self.id}.jail"
 
     def check(self) -> None:
         """Raise JailError for input no jail can be built from. Touches nothing."""
@@ -102,6 +114,8 @@ class JailConfig:
                 raise JailError(f"resource limit {name}={value} is too small")
         if self.seccomp not in ("kill", "log", "off"):
             raise JailError(f"--seccomp {self.seccomp!r}: use kill, log or off")
+        if self.api_sock is not None:
+            self._check_api_sock()
         if self.netns is not None and not os.path.exists(self.netns):
             raise JailError(f"network namespace {self.netns} does not exist (create one with `ip netns add`)")
         names = set()
@@ -112,9 +126,23 @@ class JailConfig:
             names.add(f.name)
 
 
+    def _check_api_sock(self) -> None:
+        path = self.api_sock
+        if not os.path.isabs(path) or "\0" in path:
+            raise JailError(f"API socket path {path!r} must be an absolute host path")
+        if len(os.fsencode(self.api_sock_staging)) >= SUN_PATH_MAX:
+            raise JailError(f"API socket path {path} is too long for a Unix socket (with the jail's staging "
+                            f"suffix it must stay under {SUN_PATH_MAX} bytes): choose a shorter one")
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise JailError(f"API socket path {path}: the directory {parent} does not exist")
+        if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise JailError(f"API socket path {path} exists and is not a socket; refusing to replace it")
+
+
 def _unique(name: str, taken: set[str]) -> str:
     candidate, n = name, 1
-    while candidate in taken or candidate in ("dev", "old"):
+    while candidate in taken or candidate in ("dev", "old", "run"):
         n += 1
         candidate = f"{n}-{name}"
     return candidate

@@ -4,7 +4,13 @@ Each TRACE is the output of ``strace -f -o TRACE pykvm jail --seccomp log -- run
 filter lets every call through and only logs the ones outside the list). This keeps the calls
 the VMM process and its threads made *after* its own seccomp(SECCOMP_SET_MODE_FILTER) call --
 what the filter will see -- and prints them with their counts, marking those the filter does not
-allow (:data:`pykvm.jail.seccomp.ALLOWED`). ioctl requests are listed too."""
+allow (:data:`pykvm.jail.seccomp.ALLOWED`). ioctl requests are listed too.
+
+With an API socket the VMM has two thread kinds (see :mod:`pykvm.jail.seccomp`): ``--kinds``
+prints the calls of each apart -- "api": the threads that existed before the filter, except the
+one that loaded it; "vcpu": that thread and the threads first seen after it (an API worker thread
+started late counts there too: check such calls by hand) -- and marks them against that kind's
+filter."""
 
 from __future__ import annotations
 
@@ -17,6 +23,31 @@ from .seccomp import ALLOWED
 _LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)")
 _FILTER = re.compile(r"^(\d+)\s+seccomp\(SECCOMP_SET_MODE_FILTER, .*\{len=\d+.*\) = 0$")
 _IOCTL = re.compile(r"ioctl\(\d+, ([A-Z0-9_]+|0x[0-9a-f]+|_IOC\([^)]*\))")
+
+
+def calls_by_kind(lines) -> dict[str, Counter]:
+    """{"api": Counter, "vcpu": Counter} of the system calls made after the first filter (see the
+    module doc for the kinds)."""
+    first_seen: dict[str, int] = {}
+    loader = None
+    start = None
+    kinds: dict[str, Counter] = {"api": Counter(), "vcpu": Counter()}
+    for n, line in enumerate(lines):
+        tid = line.split(" ", 1)[0]
+        first_seen.setdefault(tid, n)
+        if loader is None and _FILTER.match(line):
+            loader, start = tid, n
+            continue
+        if loader is None:
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        if tid == loader or first_seen[tid] > start:
+            kinds["vcpu"][m.group(2)] += 1
+        elif first_seen[tid] >= first_seen[loader]:     # the caller and the supervisor came before the VMM
+            kinds["api"][m.group(2)] += 1
+    return kinds
 
 
 def calls_after_filter(lines) -> tuple[Counter, Counter]:
@@ -47,8 +78,26 @@ def calls_after_filter(lines) -> tuple[Counter, Counter]:
     return calls, ioctls
 
 
+def main_kinds(paths: list[str]) -> int:
+    """Print each thread kind's system calls after the filter, marked against its filter."""
+    from .seccomp import API_ALLOWED
+    totals: dict[str, Counter] = {"api": Counter(), "vcpu": Counter()}
+    for path in paths:
+        with open(path, errors="replace") as f:
+            for kind, calls in calls_by_kind(f.readlines()).items():
+                totals[kind].update(calls)
+    conditional = {"ioctl", "clone", "clone3", "exit_group", "seccomp"}
+    for kind, allowed in (("api", {*ALLOWED, *API_ALLOWED}), ("vcpu", set(ALLOWED))):
+        print(f"-- {kind} threads: {len(totals[kind])} system calls")
+        for name, n in totals[kind].most_common():
+            print(f"{name:<20} {n:>9}{'' if name in allowed | conditional else '   NOT ALLOWED'}")
+    return 0
+
+
 def main(paths: list[str]) -> int:
     """Print the syscalls and ioctls the strace logs ``paths`` show after the filter; returns 0."""
+    if paths[:1] == ["--kinds"]:
+        return main_kinds(paths[1:])
     total: Counter[str] = Counter()
     requests: Counter[str] = Counter()
     for path in paths:
@@ -58,9 +107,11 @@ def main(paths: list[str]) -> int:
             print(f"{path}: no seccomp filter call found", file=sys.stderr)
         total.update(calls)
         requests.update(ioctls)
-    ruled = {*ALLOWED, "ioctl", "clone", "clone3", "exit_group"}
+    from .seccomp import API_ALLOWED
+    ruled = {*ALLOWED, "ioctl", "clone", "clone3", "exit_group", "seccomp"}   # (seccomp: the vCPU filter's load)
     for name, n in total.most_common():
-        print(f"{name:<20} {n:>9}{'' if name in ruled else '   NOT ALLOWED'}")
+        mark = "" if name in ruled else "   API filter only" if name in API_ALLOWED else "   NOT ALLOWED"
+        print(f"{name:<20} {n:>9}{mark}")
     print(f"-- {len(total)} system calls; ioctl requests:")
     for name, n in requests.most_common():
         print(f"  {name:<30} {n:>9}")

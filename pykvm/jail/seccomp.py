@@ -1,12 +1,27 @@
 """The VMM's seccomp filter (seccomp(2), Documentation/userspace-api/seccomp_filter.rst), built
 with libseccomp through the ``pyseccomp`` binding (ctypes over the system's libseccomp.so.2).
 
-One filter for the whole process, loaded with SECCOMP_FILTER_FLAG_TSYNC so the device threads
-already running get it too, and inherited by the vCPU threads Machine.run starts later: every
-Python thread runs the same interpreter (allocator, GC, GIL) so per-thread-kind filters would
-differ only by a handful of calls. What it allows (:data:`ALLOWED`) was derived by tracing: see
-the README's jail section (strace -f of jailed runs of every bundled guest, the small Linux with a
-virtio disk and the console, keeping the calls made after the filter's own seccomp() call).
+Filters per thread kind. Without an API socket, one filter for the whole process
+(:data:`ALLOWED`), loaded with SECCOMP_FILTER_FLAG_TSYNC so the device threads already running
+get it too, and inherited by the vCPU threads Machine.run starts later. With an API socket
+(``JailConfig.api_sock``) two, stacked (a call must pass both; seccomp(2)):
+
+- the *API* filter, :data:`ALLOWED` + :data:`API_ALLOWED`, loaded with TSYNC on every thread
+  started before the jail: the API server's event loop and its workers (accept4, recvfrom,
+  sendto, epoll on the listening socket bound before the jail -- never socket, bind or connect),
+  the controller thread that writes snapshots, metrics and logs (openat, pwrite64, rename...,
+  inside the jail's root, whose only writable place is /run), the device and output threads;
+- the *vCPU* filter, :data:`ALLOWED` again, loaded right after on the main thread alone (no
+  TSYNC): it and every thread it starts afterwards -- the vCPU threads, the console's -- keep the
+  short list, so the threads that run the exit handlers cannot open a file or accept a
+  connection.
+
+Why threads started before the jail can be trusted with openat: the VMM made its own mount
+namespace before it started any thread (namespaces.new_mount_namespace), so the pivot moved every
+thread's root into the jail; none can name a host file. What the filters allow was derived by
+tracing: see the README's jail section (strace -f of jailed runs of every bundled guest, the small
+Linux with a virtio disk and the console, a session on the API socket, keeping the calls made after
+the filter's own seccomp() call; ``python -m pykvm.jail.derive`` splits them by thread kind).
 
 - ``ioctl`` only with the KVM requests pykvm issues while a VM runs (pykvm.kvm.Ioctl less the
   ones only used to build it, :data:`KVM_SETUP_ONLY`) and the terminal requests
@@ -53,6 +68,23 @@ ALLOWED = (
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigtimedwait", "tgkill", "getpid", "gettid",
     "getrandom", "exit",
 )
+# What the API's threads make besides ALLOWED (traced: a session of every route on a jailed VMM's
+# socket, and the VMM ending with clients connected). The event loop (asyncio, uvicorn) on the
+# socket bound before the jail: accept4, epoll_wait/epoll_ctl, recvfrom/sendto, getsockname and
+# getpeername (each new connection's addresses), shutdown (a connection's write side closed). The
+# controller's files, inside the jail's /run (snapshot state and memory, metrics, log): openat, lseek,
+# pwrite64 and ftruncate (the memory file), rename (the state file is written beside and renamed),
+# unlink (a failed write removes its partial file). seccomp: the main thread loads the vCPU filter
+# after this one (SECCOMP_SET_MODE_FILTER with no flags only: it can only add restrictions).
+API_ALLOWED = (
+    "accept4", "epoll_wait", "epoll_ctl", "recvfrom", "sendto", "getsockname", "getpeername", "shutdown",
+    "openat", "lseek", "pwrite64", "ftruncate", "rename", "unlink",
+)
+# FIONBIO: asyncio makes each accepted connection non-blocking (Python's setblocking is this ioctl)
+API_IOCTLS = {"FIONBIO": 0x5421}
+# KVM_GET_MSR_INDEX_LIST: a snapshot lists the MSRs to save (read-only, on /dev/kvm's descriptor)
+API_KVM_IOCTLS = {"KVM_GET_MSR_INDEX_LIST"}
+SECCOMP_SET_MODE_FILTER = 1
 # KVM requests pykvm issues only while building the VM, before the jail: refused afterwards, so a
 # compromised VMM cannot make new VMs or vCPUs, or remap guest memory.
 KVM_SETUP_ONLY = {"KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM_CHECK_EXTENSION",
@@ -97,17 +129,34 @@ def kvm_ioctls() -> dict[str, int]:
     return {i.name: int(i) for i in Ioctl if i.name not in KVM_SETUP_ONLY}
 
 
-def build(mode: str = "kill"):
-    """The filter as a pyseccomp.SyscallFilter, not loaded. ``mode`` "kill" or "log" (every
-    call outside the list is allowed but logged by the kernel: for deriving the list)."""
+def api_kvm_ioctls() -> dict[str, int]:
+    """The KVM requests the API's threads may issue besides :func:`kvm_ioctls`: name -> number."""
+    from ..kvm import Ioctl
+    return {i.name: int(i) for i in Ioctl if i.name in API_KVM_IOCTLS}
+
+
+def build(mode: str = "kill", kind: str = "process"):
+    """A filter as a pyseccomp.SyscallFilter, not loaded. ``mode`` "kill" or "log" (every call
+    outside the list is allowed but logged by the kernel: for deriving the list). ``kind``:
+    "process" (:data:`ALLOWED`, for every thread, TSYNC), "api" (ALLOWED + API_ALLOWED, for every
+    thread, TSYNC) or "vcpu" (ALLOWED, for the calling thread and those it starts later; loaded
+    after "api")."""
     sc = _binding()
     default = sc.TRAP if mode == "kill" else sc.LOG
     filt = sc.SyscallFilter(default)
     filt.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
-    filt.set_attr(sc.Attr.CTL_TSYNC, 1)
-    for name in ALLOWED:
+    filt.set_attr(sc.Attr.CTL_TSYNC, 0 if kind == "vcpu" else 1)
+    if kind == "vcpu":
+        filt.set_attr(sc.Attr.CTL_NNP, 0)     # set already (credentials.drop): no prctl needed to load it
+    requests = {*kvm_ioctls().values(), *TERMINAL_IOCTLS.values(), *TAP_IOCTLS.values()}
+    names = ALLOWED
+    if kind == "api":
+        names += API_ALLOWED
+        requests |= {*API_IOCTLS.values(), *api_kvm_ioctls().values()}
+        filt.add_rule(sc.ALLOW, "seccomp", sc.Arg(0, sc.EQ, SECCOMP_SET_MODE_FILTER), sc.Arg(1, sc.EQ, 0))
+    for name in names:
         filt.add_rule(sc.ALLOW, name)
-    for request in sorted({*kvm_ioctls().values(), *TERMINAL_IOCTLS.values(), *TAP_IOCTLS.values()}):
+    for request in sorted(requests):
         filt.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFF_FFFF, request))
     filt.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
     filt.add_rule(sc.ERRNO(ENOSYS), "clone3")
@@ -116,10 +165,16 @@ def build(mode: str = "kill"):
     return filt
 
 
-def counts() -> dict[str, int]:
-    """How much the filter allows: system calls, and ioctl requests (KVM, terminal)."""
-    return {"syscalls": len(ALLOWED) + 3, "kvm_ioctls": len(kvm_ioctls()), "terminal_ioctls": len(TERMINAL_IOCTLS),
-            "tap_ioctls": len(TAP_IOCTLS)}
+def counts(kind: str = "process") -> dict[str, int]:
+    """How much the filter of ``kind`` (see :func:`build`) allows: system calls (ioctl, clone,
+    exit_group and, for "api", seccomp counted: allowed with conditions), and ioctl requests."""
+    out = {"syscalls": len(ALLOWED) + 3, "kvm_ioctls": len(kvm_ioctls()), "terminal_ioctls": len(TERMINAL_IOCTLS),
+           "tap_ioctls": len(TAP_IOCTLS)}
+    if kind == "api":
+        out["syscalls"] += len(API_ALLOWED) + 1
+        out["kvm_ioctls"] += len(api_kvm_ioctls())
+        out["socket_ioctls"] = len(API_IOCTLS)
+    return out
 
 
 def syscall_name(nr: int) -> str:
@@ -155,10 +210,12 @@ def _on_sigsys(signum: int, info: int, context: int) -> None:
     os._exit(DIE_STATUS)
 
 
-def install(report_fd: int | None, mode: str = "kill") -> None:
-    """Load the filter (all threads). With "kill", first install the SIGSYS handler that reports
-    the forbidden call on ``report_fd``. The calling process must have no_new_privs set."""
-    filt = build(mode)
+def install(report_fd: int | None, mode: str = "kill", api: bool = False) -> None:
+    """Load the filters: "process" on every thread; with ``api``, "api" on every thread, then
+    "vcpu" on the calling thread (see the module doc). With "kill", first install the SIGSYS
+    handler that reports the forbidden call on ``report_fd``. The calling process must have
+    no_new_privs set."""
+    filters = [build(mode, "api"), build(mode, "vcpu")] if api else [build(mode)]
     if mode == "kill":
         _state["report_fd"] = report_fd
         _state["handler"] = handler = _HANDLER_TYPE(_on_sigsys)   # kept alive: libc holds its address
@@ -170,4 +227,5 @@ def install(report_fd: int | None, mode: str = "kill") -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.sigaction(SIGSYS, ctypes.byref(action), None) != 0:
             raise OSError(ctypes.get_errno(), "sigaction(SIGSYS)")
-    filt.load()
+    for filt in filters:
+        filt.load()

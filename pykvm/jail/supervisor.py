@@ -14,6 +14,11 @@ Three processes::
 The report travels as text lines over one pipe: V's SIGSYS handler and setup errors, and S's
 verdict. With ``daemonize`` S detaches (setsid, stdio on /dev/null) and P returns as soon as the
 VMM started; S still cleans up when it ends.
+
+A second pipe, V to S, carries one line, "entered", once V is in its jail (its filter loaded).
+With an API socket (``config.api_sock``) S waits for it, then renames the socket V bound and
+listens on (before the jail, at ``config.api_sock_staging``) to its path: whoever finds the
+socket talks to a jailed VMM. S removes the socket when V ends.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import ctypes
 import importlib.machinery
 import os
 import signal
+import stat
 import sys
 import traceback
 from collections.abc import Callable
@@ -68,13 +74,23 @@ class JailResult:
 class Entry:
     """Handed to the target inside the jail: call :meth:`enter` once everything is open."""
 
-    def __init__(self, config: JailConfig, root: str, uid: int, gid: int, report_fd: int) -> None:
+    def __init__(self, config: JailConfig, root: str, uid: int, gid: int, report_fd: int,
+                 entered_fd: int | None = None) -> None:
         self.config, self.root, self.uid, self.gid = config, root, uid, gid
         self.report_fd = report_fd
+        self.entered_fd = entered_fd
         self.entered = False
 
+    @property
+    def api_sock_staging(self) -> str | None:
+        """Where the target binds its API socket (``bind``, ``listen``) before :meth:`enter`; None
+        without ``config.api_sock``. Once the jail is entered the supervisor renames it to
+        ``config.api_sock``; the target only accepts connections on it from then on."""
+        return self.config.api_sock_staging
+
     def enter(self) -> None:
-        """The remaining steps, in order: pre-import, namespaces (mount, IPC, UTS, network),
+        """The remaining steps, in order: pre-import, namespaces (IPC, UTS, network; the mount
+        namespace is the process's own from its start),
         pivot into the per-VM root, resource limits, drop to uid/gid with no capabilities and
         no_new_privs, then the seccomp filter. Raises JailError naming a step that failed."""
         steps = [("pre-import", preload), ("namespaces", lambda: namespaces.enter(self.config.netns)),
@@ -82,7 +98,8 @@ class Entry:
                  ("resource limits", lambda: rlimits.apply(self.config.resource_limits)),
                  ("credentials", lambda: credentials.drop(self.uid, self.gid))]
         if self.config.seccomp != "off":
-            steps.append(("seccomp", lambda: seccomp.install(self.report_fd, self.config.seccomp)))
+            steps.append(("seccomp", lambda: seccomp.install(self.report_fd, self.config.seccomp,
+                                                             api=self.config.api_sock is not None)))
         for name, step in steps:
             try:
                 step()
@@ -91,6 +108,13 @@ class Entry:
             except OSError as e:
                 raise JailError(f"entering the jail failed at its {name} step: {e}") from None
         self.entered = True
+        if self.entered_fd is not None:     # the supervisor may now publish the API socket
+            try:
+                os.write(self.entered_fd, b"entered\n")
+            except OSError:
+                pass
+            os.close(self.entered_fd)
+            self.entered_fd = None
 
 
 def preload() -> None:
@@ -110,6 +134,8 @@ def preload() -> None:
     import capstone  # noqa: F401  (loads libcapstone.so)
 
     from ..debug import disasm, inside, report, stats  # noqa: F401
+    from ..kvm import irq  # noqa: F401  (SendCtrlAltDel through the API: the keyboard's IRQ line)
+    from ..snapshot import format, machine_state  # noqa: F401  (the API's snapshot actions)
     "".encode("ascii"), "".encode("latin-1"), b"".decode("utf-8", "replace")
     # glibc's malloc, when a new thread needs an arena, counts CPUs by opening
     # /sys/devices/system/cpu/online unless the number of arenas is fixed: fix it.
@@ -218,7 +244,9 @@ def _supervise(config, hierarchy, target, report_fd, keep_fds, caller: int) -> N
     gid = config.gid if config.gid is not None else uid
     cgroup = cgroups.Cgroup.create(hierarchy, config.id, config.memory, config.cpus, config.pids)
     try:
-        root = rootfs.RootDir.create(config)
+        root = rootfs.RootDir.create(config, uid, gid)
+        entered_r, entered_w = os.pipe() if config.api_sock is not None else (None, None)
+        published = None
         try:
             if config.new_pid_ns:
                 namespaces.new_pid_namespace()
@@ -227,11 +255,18 @@ def _supervise(config, hierarchy, target, report_fd, keep_fds, caller: int) -> N
             vpid = os.fork()
             if vpid == 0:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-                _vmm(config, cgroup, root.root, uid, gid, target, report_fd, keep_fds)
+                if entered_r is not None:
+                    os.close(entered_r)
+                _vmm(config, cgroup, root.root, uid, gid, target, report_fd, keep_fds, entered_w)
+            if entered_w is not None:
+                os.close(entered_w)
             for signum in stops:    # stop the VMM; the cleanup below follows
                 signal.signal(signum, lambda *_: os.kill(vpid, signal.SIGKILL))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
             _send(report_fd, "started", f"{vpid} {uid} {gid}")
+            if entered_r is not None:
+                published = _publish_api_sock(config, entered_r)
+                os.close(entered_r)
             while True:
                 try:
                     _, raw = os.waitpid(vpid, 0)
@@ -244,20 +279,60 @@ def _supervise(config, hierarchy, target, report_fd, keep_fds, caller: int) -> N
             if peak is not None:
                 _send(report_fd, "peak", str(peak))
         finally:
+            if config.api_sock is not None:
+                _remove_socket(config.api_sock_staging)
+                if published is not None:     # only the socket we published, not one found there
+                    _remove_socket(config.api_sock, published)
             root.remove()
     finally:
         cgroup.remove()
 
 
-def _vmm(config, cgroup, root, uid, gid, target, report_fd, keep_fds) -> None:
+def _publish_api_sock(config: JailConfig, entered_fd: int) -> int | None:
+    """Wait until the VMM says it is in its jail (or ends: EOF), then give the socket it bound at
+    the staging path its real name; returns its inode number. A VMM that ends before entering
+    publishes nothing (None)."""
+    with os.fdopen(os.dup(entered_fd), "rb") as f:
+        line = f.readline()
+    inode = _socket_inode(config.api_sock_staging)
+    if line != b"entered\n" or inode is None:
+        return None
+    os.replace(config.api_sock_staging, config.api_sock)
+    return inode
+
+
+def _socket_inode(path: str) -> int | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_ino if stat.S_ISSOCK(info.st_mode) else None
+
+
+def _remove_socket(path: str, inode: int | None = None) -> None:
+    """Remove ``path`` if it is a socket (never anything else another program put there) -- with
+    ``inode``, only if it is still that one."""
+    found = _socket_inode(path)
+    if found is not None and inode in (None, found):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _vmm(config, cgroup, root, uid, gid, target, report_fd, keep_fds, entered_fd) -> None:
     """The jailed process (never returns)."""
     code = 4
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         cgroup.join()
-        fds.close_inherited({report_fd, *keep_fds})
-        entry = Entry(config, root, uid, gid, report_fd)
+        fds.close_inherited({report_fd, entered_fd, *keep_fds})
+        try:
+            namespaces.new_mount_namespace()    # before the target starts any thread: see its docstring
+        except OSError as e:
+            raise JailError(f"entering the jail failed at its mount namespace step: {e}") from None
+        entry = Entry(config, root, uid, gid, report_fd, entered_fd)
         code = target(entry)
         if not entry.entered:
             raise JailError("the jailed target returned without entering the jail")
