@@ -548,12 +548,16 @@ def cmd_top(client: Client, args) -> int:
 
 
 def cmd_attach(client: Client, args) -> int:
-    """``pykvm attach VM``: bridge this terminal to the VM's console until Ctrl-A x or the VM ends."""
-    return _attach(client, args.vms)
+    """``pykvm attach VM``: bridge this terminal to the VM's console until Ctrl-A x or the VM ends; from a pipe
+    or file, until its end: everything read is sent, then attach detaches with status 0 (the VM runs on)."""
+    return _attach(client, args.vms, detach_at_eof=True)
 
 
-def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
-    """Bridge this terminal (or pipe) to the VM's console until Ctrl-A x, the VM's end or EOF on a pipe."""
+def _attach(client: Client, ref: str, exit_status: bool = False, detach_at_eof: bool = False) -> int:
+    """Bridge this terminal (or pipe) to the VM's console until Ctrl-A x (a terminal), the VM's end, or, with
+    ``detach_at_eof``, the end of stdin (a closed stdin is at its end): all input is sent before the WebSocket's
+    closing handshake, whose frames come after it (RFC 6455 section 7), so the daemon has it all. Without it
+    (``start -a``), output is shown until the VM ends, whatever stdin does."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import unix_connect
     vm = client.json("GET", f"/vms/{_r(ref)}/json")
@@ -563,7 +567,7 @@ def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
         ws = unix_connect(str(client.socket_path), f"ws://pykvm/vms/{vm['Id']}/attach/ws")
     except (OSError, ConnectionClosed, Exception) as e:    # the handshake refused: the VM is not running
         raise DaemonError(409, f"cannot attach to {ref}: {e}") from None
-    stdin = sys.stdin.fileno() if not sys.stdin.closed else None
+    stdin = sys.stdin.fileno() if sys.stdin is not None and not sys.stdin.closed else None
     tty_state = None
     if stdin is not None and os.isatty(stdin):
         import termios
@@ -580,10 +584,10 @@ def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
             except OSError:
                 data = b""
             if not data:
-                if tty_state is None:      # a pipe ended: keep showing output until the VM ends
+                if tty_state is None and not detach_at_eof:   # start -a: output until the VM ends
                     return
                 stop.set()
-                ws.close()
+                ws.close()      # after every send above: the daemon has the input; detach
                 return
             out = bytearray()
             for b in data:
@@ -605,6 +609,9 @@ def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
 
     if stdin is not None:
         threading.Thread(target=feed, daemon=True).start()
+    elif detach_at_eof:      # `<&-`: nothing will come, which is the end of input
+        stop.set()
+        ws.close()
     try:
         for message in ws:
             data = message if isinstance(message, bytes) else message.encode()
