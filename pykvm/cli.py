@@ -49,7 +49,9 @@ def ranged(lo: int, hi: int, what: str = "a number", parse=_int):
     def check(text: str) -> int:
         value = parse(text)
         if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range: give {what} from {lo:,} to {hi:,}")
+            show = (lambda v: f"{v:#x}" if v >= 1 << 32 else f"{v:,}")  # noqa: E731
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: give {what}, at least {show(lo)} and at "
+                                             f"most {show(hi)}")
         return value
     return check
 
@@ -346,7 +348,10 @@ def refuse_beside(args, allowed: set[str], why: str) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as e:     # a usage error (2, its line already written), --help or --version (0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "run" and args.detach:
             refuse_beside(args, DETACHED_OPTIONS, "with -d the daemon starts the VM from the guest, -k, -i, -p, "
@@ -659,9 +664,9 @@ def _add_jail_command(sub) -> None:
                     "dev/kvm and the given files, its own cgroup, an unprivileged uid/gid without capabilities, "
                     "resource limits and a seccomp filter. Needs root.")
     jail.add_argument("--id", default=None, help="the VM's id: letters, digits, hyphens (default pykvm-<pid>)")
-    jail.add_argument("--uid", type=ranged(1, 2**32 - 2, "an unprivileged uid"), default=None,
+    jail.add_argument("--uid", type=ranged(0, 2**32 - 2, "a uid"), default=None,
                       help="uid of the VMM (default: distinct per VM)")
-    jail.add_argument("--gid", type=ranged(1, 2**32 - 2, "an unprivileged gid"), default=None,
+    jail.add_argument("--gid", type=ranged(0, 2**32 - 2, "a gid"), default=None,
                       help="gid of the VMM (default: as the uid)")
     jail.add_argument("--chroot-base", default=None, metavar="DIR",
                       help="where per-VM roots are made (default /srv/jailer, created if absent)")
