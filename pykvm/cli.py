@@ -285,10 +285,11 @@ def _hold_std_fds() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            held = os.open(os.devnull, flags | os.O_CLOEXEC)
+            held = os.open(os.devnull, flags)
             if held != fd:
-                os.dup2(held, fd, inheritable=False)
+                os.dup2(held, fd)
                 os.close(held)
+            os.set_inheritable(fd, True)    # a standard fd, for programs pykvm starts too
     if sys.stderr is None:      # Python found fd 2 closed at start: messages go nowhere, not to stdout
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - the process's stderr, for its life
 
