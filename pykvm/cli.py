@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import signal
@@ -30,7 +31,7 @@ from .boot.firmware import bundled_firmware, read_firmware
 from .boot.flat import load_flat
 from .boot.linux import linux_quirks
 from .console import HostConsole, HostOutput
-from .errors import STATUS_CRASH, STATUS_OUTPUT, STATUS_SIGNAL, BootError, PykvmError, UsageError
+from .errors import STATUS_CRASH, STATUS_INTERRUPTED, STATUS_OUTPUT, STATUS_SIGNAL, BootError, PykvmError, UsageError
 from .kvm.host import host_backend
 from .memory import GuestMemoryError, check_ram_size, parse_size
 from .x86.modes import CpuMode
@@ -43,6 +44,41 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0x1000 or 4096)") from None
 
 
+def ranged(lo: int, hi: int, what: str = "a number", parse=_int):
+    """An argparse type: an integer (0x.. allowed) in [lo, hi], else one sentence saying the range."""
+    def check(text: str) -> int:
+        value = parse(text)
+        if not lo <= value <= hi:
+            show = (lambda v: f"{v:#x}" if v >= 1 << 32 else f"{v:,}")  # noqa: E731
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: give {what}, at least {show(lo)} and at "
+                                             f"most {show(hi)}")
+        return value
+    return check
+
+
+def seconds(lo: float, hi: float, lo_open: bool = False):
+    """An argparse type: a finite number of seconds in [lo, hi] (above lo if ``lo_open``)."""
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not (math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds {'above' if lo_open else 'from'} "
+                                             f"{lo:,.0f} {'and at most' if lo_open else 'to'} {hi:,.0f}")
+        return value
+    return check
+
+
+def _cpus(text: str) -> int:
+    """A vCPU count: 1 to the Machine's MAX_CPUS."""
+    from .machine import MAX_CPUS
+    return ranged(1, MAX_CPUS, "a number of vCPUs")(text)
+
+
+U64_MAX = (1 << 64) - 1
+
+
 def _size(text: str) -> int:
     try:
         size = parse_size(text)
@@ -50,6 +86,50 @@ def _size(text: str) -> int:
     except (ValueError, GuestMemoryError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return size
+
+
+SUN_PATH_MAX = 107   # bytes of a Unix socket's path: sockaddr_un.sun_path holds 108 with the final NUL (unix(7))
+
+
+def check_socket_path(path: str, what: str, parent_must_exist: bool = True) -> str:
+    """``path`` if a Unix socket can be made there; UsageError naming ``what`` (the option) otherwise: an
+    empty path, one longer than sun_path holds (:data:`SUN_PATH_MAX` bytes, unix(7)), a missing parent
+    directory (when ``parent_must_exist``), or an existing file that is not a socket (never replaced)."""
+    if not path:
+        raise UsageError(f"{what} needs a path for the Unix socket, not an empty word")
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        raise UsageError(f"{what} {path} is {size} bytes long; a Unix socket's path holds at most "
+                         f"{SUN_PATH_MAX} (sun_path): choose a shorter one, or a relative path")
+    parent = os.path.dirname(path) or "."
+    if parent_must_exist and not os.path.isdir(parent):
+        raise UsageError(f"{what} {path}: the directory {parent} does not exist")
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return path
+    if not stat.S_ISSOCK(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a file that is not a socket"
+        raise UsageError(f"{what} {path} is {kind}; refusing to replace it")
+    return path
+
+
+def _socket_type(what: str, parent_must_exist: bool = True):
+    """An argparse type for a Unix socket path option (:func:`check_socket_path`)."""
+    def parse(text: str) -> str:
+        try:
+            check_socket_path(text.removeprefix("unix://"), what, parent_must_exist)
+            return text
+        except UsageError as e:     # argparse names the option already
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{what} ")) from None
+    return parse
+
+
+def _host(text: str) -> str:
+    """A -H/--host value (the daemon's socket): anything but an empty word, which would mean the default."""
+    if not text:
+        raise argparse.ArgumentTypeError("-H/--host needs the daemon's socket: unix:///PATH or a path")
+    return text
 
 
 MAX_TIMEOUT = 30 * 24 * 3600   # seconds: a month; beyond it a timeout is a typo, not a plan
@@ -136,13 +216,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                      help="do not add the guest command-line parameters this host's KVM backend needs")
     run.add_argument("--module", action="append", default=[], metavar="FILE[,ARGS]",
                      help="a Multiboot module and its argument string (repeatable)")
-    run.add_argument("-c", "--cpus", type=_int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("-c", "--cpus", type=_cpus, default=1, metavar="N", help="number of vCPUs (default 1)")
     run.add_argument("--firmware", metavar="FILE", nargs="?", const="",
                      help="start at the reset vector in this firmware (default: the bundled pykvm-fw.bin), "
                           "which enters the kernel or guest")
     run.add_argument("--mode", choices=[m.value for m in CpuMode],
                      help="CPU mode to start a flat binary in (default: long64; bundled guests know their own)")
-    run.add_argument("--load-addr", type=_int, default=None, metavar="ADDR",
+    run.add_argument("--load-addr", type=ranged(0, U64_MAX, "a guest-physical address"), default=None, metavar="ADDR",
                      help=f"guest-physical load and entry address of a flat binary (default {bundled.LOAD_ADDR:#x})")
     run.add_argument("-m", "--mem", type=_size, default=parse_size("64M"), metavar="SIZE",
                      help="guest RAM, e.g. 64M or 1G (default 64M)")
@@ -152,7 +232,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("-d", "--detach", action="store_true",
                      help="create and start the VM through `pykvm daemon`, print its id (see `pykvm ps`)")
     run.add_argument("--name", help="with -d: the VM's name")
-    run.add_argument("-H", "--host", help="with -d: the daemon's socket")
+    run.add_argument("-H", "--host", type=_host, help="with -d: the daemon's socket (unix:///PATH or PATH)")
     virtio = run.add_argument_group("virtio devices (virtio-mmio, announced to a Linux kernel on its command line)")
     virtio.add_argument("--drive", action="append", default=[], metavar="FILE[,readonly]",
                         help="a raw disk image as a virtio-blk device (/dev/vda, vdb, ...; repeatable)")
@@ -169,9 +249,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     see.add_argument("--stats", action="store_true",
                      help="at the end, a table of exits per reason, port and MMIO address with handling times")
     see.add_argument("--stats-json", metavar="FILE", help="write the exit statistics to FILE as JSON")
-    see.add_argument("--step", type=_int, default=0, metavar="N",
+    see.add_argument("--step", type=ranged(1, U64_MAX, "a number of instructions"), default=None, metavar="N",
                      help="single-step the first N instructions, printing each with the registers it changed")
-    see.add_argument("--step-from", type=_int, default=None, metavar="ADDR",
+    see.add_argument("--step-from", type=ranged(0, U64_MAX, "a linear address"), default=None, metavar="ADDR",
                      help="with --step: start stepping when the guest reaches this linear address")
     see.add_argument("--gdb", metavar="[HOST]:PORT",
                      help="serve the gdb remote protocol here (host default 127.0.0.1; port 0 picks one)")
@@ -183,9 +263,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="KVM API version, capabilities pykvm uses, vCPU limits")
     bench = sub.add_parser("bench", help="exit latency: pykvm against a C KVM_RUN loop (when gcc exists) and QEMU")
-    bench.add_argument("--count", type=int, default=20_000, help="exits per timed run (default 20000)")
-    bench.add_argument("--repeat", type=int, default=5, help="runs per kind and side; medians are used (default 5)")
-    bench.add_argument("--cpu", type=int, help="pin the benchmark (pykvm, the C loop, QEMU) to this host CPU")
+    bench.add_argument("--count", type=ranged(1, 10**8, "a number of exits"), default=20_000,
+                       help="exits per timed run (default 20000)")
+    bench.add_argument("--repeat", type=ranged(1, 1000, "a number of runs"), default=5,
+                       help="runs per kind and side; medians are used (default 5)")
+    bench.add_argument("--cpu", type=ranged(0, 4095, "a host CPU number"),
+                       help="pin the benchmark (pykvm, the C loop, QEMU) to this host CPU")
     bench.add_argument("--no-qemu", action="store_true", help="leave QEMU out even when it is installed")
     bench.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     bench.add_argument("--require-c", action="store_true", help="status 2 when gcc cannot build the C baseline")
@@ -195,16 +278,94 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     fetch.add_argument("what", choices=["linux"])
     if command not in sub.choices:
         from .client import add_parsers  # the daemon and its docker-style client verbs
-        add_parsers(sub, _size, _int)
+        add_parsers(sub, _size, _cpus)
     return parser
+
+
+def _hold_std_fds() -> None:
+    """Keep a closed fd 0, 1 or 2 (``2>&-``) closed in effect but taken, so that no file pykvm opens
+    later (/dev/kvm, a drive, a socket) becomes "stdout" or "stderr": fd 0 and 1 get /dev/null opened
+    read-only (stdin reads EOF; a write to stdout fails with EBADF, as to a closed fd, so the guest's
+    lost output is still reported), fd 2 gets /dev/null for writing, so pykvm's own messages are
+    dropped; never are they written into the guest's output on stdout."""
+    for fd, flags in ((0, os.O_RDONLY), (1, os.O_RDONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            held = os.open(os.devnull, flags)
+            if held != fd:
+                os.dup2(held, fd)
+                os.close(held)
+            os.set_inheritable(fd, True)    # a standard fd, for programs pykvm starts too
+    if sys.stderr is None:      # Python found fd 2 closed at start: messages go nowhere, not to stdout
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - the process's stderr, for its life
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``pykvm`` command; returns its exit status (see the module docstring)."""
-    argv = bind_free_text(sys.argv[1:] if argv is None else list(argv))
-    args = build_parser(next((word for word in argv if not word.startswith("-")), None)).parse_args(argv)
+    _hold_std_fds()
+    try:
+        return _main(argv)
+    except _EndedBySignal as e:  # SIGTERM/SIGHUP to a VMM still being configured (files cleaned up on the way)
+        return e.status
+    except KeyboardInterrupt:    # Ctrl-C before or after a run (a run itself returns 130)
+        return STATUS_INTERRUPTED
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed (usage errors exit 2), plus ``given``: the dests of the options and arguments the
+    words name explicitly (:func:`given_dests`), for the checks that refuse what would be ignored."""
+    words = bind_free_text(list(argv))
+    command = next((word for word in words if not word.startswith("-")), None)
+    args = build_parser(command).parse_args(words)
+    args.given = given_dests(words, command)
+    return args
+
+
+def given_dests(words: list[str], command: str | None = None) -> set[str]:
+    """The dests the already bound ``words`` set explicitly, whatever their value (``-c 1`` counts):
+    ``words`` parsed again by a parser whose every default is SUPPRESS, so unset dests stay absent.
+    ``command``: as for :func:`build_parser`."""
+    parser = build_parser(command)
+    parsers, seen = [parser], set()
+    while parsers:
+        p = parsers.pop()
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif not action.required:
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(words))) - {"command"}
+
+
+def _option_names(args, dests) -> str:
+    """The options of ``dests`` as the user knows them (``-m/--mem``), in command-line order of the parser."""
+    run = build_parser()._subparsers._group_actions[0].choices[args.command]
+    names = [("/".join(a.option_strings) or a.metavar or a.dest) for a in run._actions if a.dest in dests]
+    return ", ".join(names)
+
+
+def refuse_beside(args, allowed: set[str], why: str) -> None:
+    """UsageError (status 2) naming every option ``args.given`` holds outside ``allowed``: options that
+    would otherwise be silently ignored. ``why`` says what makes them meaningless."""
+    extra = getattr(args, "given", set()) - allowed
+    if extra:
+        raise UsageError(f"{why}, so {_option_names(args, extra)} would be ignored: leave "
+                         f"{'it' if len(extra) == 1 else 'them'} out")
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as e:     # a usage error (2, its line already written), --help or --version (0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "run" and args.detach:
+            refuse_beside(args, DETACHED_OPTIONS, "with -d the daemon starts the VM from the guest, -k, -i, -p, "
+                                                  "-m, -c, --drive, --rng, --console and --net only")
             from .client import run_detached
             return run_detached(args)
         if args.command == "run":
@@ -233,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _say(message: str) -> None:
     """One paragraph on stderr; a stderr that cannot be written (hung up, closed) is not an error."""
+    if sys.stderr is None:     # print(file=None) would write to stdout, into the guest's output
+        return
     try:
         print(textwrap.fill(message, width=100, initial_indent="pykvm: ", subsequent_indent="  ",
                             break_long_words=False, break_on_hyphens=False), file=sys.stderr, flush=True)
@@ -258,11 +421,24 @@ def _signals_end(machine, signals=(signal.SIGTERM, signal.SIGHUP)):
             signal.signal(sig, previous)
 
 
+# What `pykvm run -d` sends to the daemon (pykvm.client.spec_from_args); any other option would be lost.
+DETACHED_OPTIONS = {"detach", "image", "kernel", "initrd", "append", "mem", "cpus", "drive", "rng", "console", "net",
+                    "name", "host"}
+# What `pykvm run --config-file/--restore` still uses: the file describes the whole VM.
+WHOLE_VM_OPTIONS = {"config_file", "restore", "mem_file", "api_sock", "id", "timeout", "quiet", "no_jail"}
+
+
 def cmd_run(args) -> int:
     """``pykvm run``: boot the guest, wire the host console and output, return the run's status."""
+    given = getattr(args, "given", set())
+    if given & {"name", "host"}:
+        raise UsageError("--name and -H/--host go with -d (a VM started through `pykvm daemon`)")
+    if "id" in given and args.api_sock is None:
+        raise UsageError("--id is the instance id the API reports (GET /): it goes with --api-sock")
     if args.config_file is not None or args.restore is not None or args.mem_file is not None:
         return cmd_run_vmm(args)
     if args.list:
+        refuse_beside(args, {"list"}, "--list only lists the bundled guests")
         width = max(len(g.name) for g in bundled.GUESTS)
         for guest in bundled.GUESTS:
             print(f"{guest.name:<{width}}  {guest.mode.value:<8} {guest.about}")
@@ -350,8 +526,8 @@ def _run_ended(args, output: HostOutput, result) -> int:
     if output.dropped and output.error is None:
         _say(f"{output.dropped} bytes of the guest's output were dropped: stdout did not take them in time")
     if result.report:
-        with contextlib.suppress(OSError, ValueError):
-            print(result.report, file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sys.stderr.write(result.report + "\n")
     return result.status
 
 
@@ -365,9 +541,59 @@ def _attach_virtio(args, machine, console_out):
 
 
 def _virtio_devices(args) -> tuple[list, bool, bool]:
-    """(drives, rng, console) of --drive, --rng, --console virtio."""
+    """(drives, rng, console) of --drive, --rng, --console virtio; the drives checked (:func:`check_drives`)."""
     from .devices.virtio import parse_drive  # loads the KVM binding: only when a VM is wanted
-    return [parse_drive(d) for d in args.drive], args.rng, args.console == "virtio"
+    drives = [parse_drive(d) for d in args.drive]
+    check_drives([(d.path, d.readonly) for d in drives])
+    return drives, args.rng, args.console == "virtio"
+
+
+_NOT_A_DISK = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (a pipe cannot be a disk)",
+               stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device"}
+
+
+def check_drives(drives: list[tuple[str, bool]]) -> None:
+    """Refuse, with UsageError (status 2), a --drive list (path, readonly) a guest must not get:
+
+    - a path that is not a disk: a directory, a FIFO, a socket, a character device (/dev/zero never
+      ends, /dev/tty is a terminal). A regular file is a raw image; a block device is allowed, as with
+      QEMU and Firecracker (the caller's permissions on it decide), unless the kernel says it is in use
+      (mounted, or opened exclusively: an O_EXCL open fails with EBUSY, see open(2)).
+    - one file named twice (by any path: a symlink or a hard link is the same file) when either is
+      writable: two writers, or a writer and a cache, on one image corrupt it. Twice read-only is fine."""
+    seen: dict[tuple[int, int], tuple[str, bool]] = {}
+    for path, readonly in drives:
+        try:
+            info = os.stat(path)
+        except OSError as e:
+            raise UsageError(f"cannot use --drive {path}: {e.strerror}") from None
+        kind = _NOT_A_DISK.get(stat.S_IFMT(info.st_mode))
+        if kind is not None:
+            raise UsageError(f"--drive {path} is {kind}, not a disk image: give a raw image file or a block device")
+        if stat.S_ISBLK(info.st_mode):
+            _check_block_device_free(path)
+            key = (-1, info.st_rdev)
+        else:
+            key = (info.st_dev, info.st_ino)
+        if key in seen:
+            other, other_ro = seen[key]
+            if not (readonly and other_ro):
+                same = "" if other == path else f" (as {other})"
+                raise UsageError(f"--drive {path} names the same file twice{same}, writable at least once: two "
+                                 "drives on one image would corrupt it; give it once, or both ,readonly")
+        seen[key] = (path, readonly)
+
+
+def _check_block_device_free(path: str) -> None:
+    """UsageError if the block device at ``path`` is mounted or held exclusively (O_EXCL gives EBUSY)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise UsageError(f"--drive {path} is in use (mounted, or held by another program): a guest writing "
+                             "to it would corrupt it") from None
+        return      # no permission to probe: opening it for the drive reports that
+    os.close(fd)
 
 
 def _add_net_option(group) -> None:
@@ -385,7 +611,7 @@ def _nets(args) -> list:
 def _debug_options(args):
     from .debug.inside import Options
     return Options(trace=args.trace, trace_filter=args.trace_filter, stats=args.stats,
-                   stats_json=args.stats_json, step=args.step, step_from=args.step_from, gdb=args.gdb,
+                   stats_json=args.stats_json, step=args.step or 0, step_from=args.step_from, gdb=args.gdb,
                    gdb_wait=args.gdb_wait)
 
 
@@ -459,15 +685,18 @@ def _add_jail_command(sub) -> None:
                     "dev/kvm and the given files, its own cgroup, an unprivileged uid/gid without capabilities, "
                     "resource limits and a seccomp filter. Needs root.")
     jail.add_argument("--id", default=None, help="the VM's id: letters, digits, hyphens (default pykvm-<pid>)")
-    jail.add_argument("--uid", type=_int, default=None, help="uid of the VMM (default: distinct per VM)")
-    jail.add_argument("--gid", type=_int, default=None, help="gid of the VMM (default: as the uid)")
+    jail.add_argument("--uid", type=ranged(0, 2**32 - 2, "a uid"), default=None,
+                      help="uid of the VMM (default: distinct per VM)")
+    jail.add_argument("--gid", type=ranged(0, 2**32 - 2, "a gid"), default=None,
+                      help="gid of the VMM (default: as the uid)")
     jail.add_argument("--chroot-base", default=None, metavar="DIR",
                       help="where per-VM roots are made (default /srv/jailer, created if absent)")
     jail.add_argument("--memory", type=_limit_size, default=None, metavar="SIZE",
                       help="cgroup memory limit (default: guest RAM + the VMM's overhead)")
     jail.add_argument("--cpus", type=_quota, default=None, metavar="QUOTA",
                       help="CPU quota in CPUs, e.g. 0.5 (default: no quota)")
-    jail.add_argument("--pids", type=_int, default=None, metavar="N", help="cgroup task limit (default 64)")
+    jail.add_argument("--pids", type=ranged(1, PID_MAX_LIMIT, "a number of tasks"), default=None, metavar="N",
+                      help="cgroup task limit (default 64)")
     jail.add_argument("--netns", metavar="PATH", help="join this network namespace (default: a new, empty one)")
     jail.add_argument("--resource-limit", action="append", default=[], metavar="NAME=VALUE",
                       help="no-file=N (default 2048) or fsize=BYTES (repeatable)")
@@ -484,18 +713,31 @@ def _add_jail_command(sub) -> None:
                       help="the VMM's own arguments: `run` and its options")
 
 
+PID_MAX_LIMIT = 4 << 20    # the kernel's largest pid count (include/linux/threads.h): pids.max above it is EINVAL
+
+
 def _limit_size(text: str) -> int:
+    """A size limit (--memory, --memory-budget): 64M, 1G, ... more than 0 and at most 2**63 - 1 bytes."""
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if not 0 < value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size above 0 and below 8 EiB")
+    return value
+
+
+MAX_QUOTA = 4096   # CPUs: a quota above every CPU of the host is no limit, and beyond this one a typo
 
 
 def _quota(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of CPUs: {text!r} (e.g. 0.5)") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_QUOTA):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs above 0 and at most {MAX_QUOTA}")
+    return value
 
 
 def cmd_jail(args) -> int:
@@ -508,7 +750,7 @@ def cmd_jail(args) -> int:
                          "MEM --api-sock PATH`")
     if vmm[:1] != ["run"]:
         raise UsageError("give the VMM's arguments after the jail's: `pykvm jail [options] -- run [run options]`")
-    run_args = build_parser().parse_args(vmm)
+    run_args = parse_args(vmm)
     if run_args.no_jail:
         raise UsageError("--no-jail contradicts `pykvm jail`")
     run_args.jail, run_args.jail_options = True, args
@@ -645,7 +887,7 @@ def _backend() -> str:
 # --- the per-VM API (pykvm/api) and snapshots: `pykvm vmm`, `pykvm run --api-sock/--config-file/--restore` ----
 def _add_api_options(run, sub) -> None:
     api = run.add_argument_group("API and snapshots (Firecracker's API; see the README)")
-    api.add_argument("--api-sock", metavar="PATH",
+    api.add_argument("--api-sock", metavar="PATH", type=_socket_type("--api-sock"),
                      help="also serve the VM's REST API on this Unix socket (created 0600) while it runs")
     api.add_argument("--config-file", metavar="FILE",
                      help="boot the VM described by this Firecracker-format JSON file (boot-source, drives, "
@@ -656,20 +898,29 @@ def _add_api_options(run, sub) -> None:
     vmm = sub.add_parser("vmm", help="a VMM that waits to be configured through its API socket (Firecracker's)",
                          description="Serve one VM's REST API (Firecracker's paths and fields) on a Unix socket. "
                                      "The process ends when the guest does, with pykvm run's exit statuses.")
-    vmm.add_argument("--api-sock", required=True, metavar="PATH", help="the Unix socket to serve (created 0600)")
+    vmm.add_argument("--api-sock", required=True, metavar="PATH", type=_socket_type("--api-sock"),
+                     help="the Unix socket to serve (created 0600)")
     vmm.add_argument("--config-file", metavar="FILE", help="configure and start from this Firecracker JSON file")
     vmm.add_argument("--id", default="anonymous-instance", help="the instance id GET / reports")
     vmm.add_argument("-q", "--quiet", action="store_true", help="do not print how the run ended")
 
 
-def _terminate_like_ctrl_c() -> None:
-    """Until its machine runs, SIGTERM ends a VMM as Ctrl-C does (status 130), the API socket file removed;
-    while it runs, :func:`_signals_end` gives 143 as for `pykvm run`."""
-    import signal
+class _EndedBySignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP before the machine runs: unwinds like Ctrl-C (so the API socket file is removed)
+    and gives 128 + the signal's number."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.status = STATUS_SIGNAL + signum
+
+
+def _terminate_like_ctrl_c() -> None:
+    """Until its machine runs, SIGTERM and SIGHUP end a VMM as Ctrl-C does, the API socket file removed, with
+    status 128 + n (143, 129); while it runs, :func:`_signals_end` gives the same as for `pykvm run`."""
     def _terminate(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, _terminate)
+        raise _EndedBySignal(signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
 
 
 def _api_serial(args, out):
@@ -757,8 +1008,10 @@ def _serve_vmm(args, actions: list, entry=None) -> int:
                 try:
                     while not vmm.wait_until_ready(0.5):
                         pass
+                except _EndedBySignal as e:
+                    return e.status
                 except KeyboardInterrupt:
-                    return 130
+                    return STATUS_INTERRUPTED
                 if entry is not None:
                     entry.enter()
                 on_quit = lambda: vmm.machine.end(0, "quit from the console (Ctrl-A x)")  # noqa: E731
@@ -841,6 +1094,11 @@ def _run_vmm_actions(args) -> list:
         raise UsageError("give either --config-file or --restore, not both")
     if args.image is not None or args.kernel is not None:
         raise UsageError("--config-file and --restore describe the whole VM; leave out the guest image and --kernel")
+    whole = "--config-file" if args.config_file is not None else "--restore"
+    refuse_beside(args, WHOLE_VM_OPTIONS, f"{whole} describes the whole VM")
+    if getattr(args, "jail", False):
+        raise UsageError(f"a VM from {whole} cannot be jailed yet: run it with --no-jail, or boot it with "
+                         "`pykvm jail -- run` and the options that describe it")
     if args.restore is None:
         if args.mem_file is not None:
             raise UsageError("--mem-file goes with --restore STATE (the snapshot's state file)")

@@ -107,20 +107,25 @@ def add_vm_options(p: argparse.ArgumentParser, size_type, int_type) -> None:
 
 
 def add_parsers(sub, size_type, int_type) -> None:
-    """Register the client verbs on ``pykvm``'s subparsers."""
+    """Register the client verbs on ``pykvm``'s subparsers (``size_type``: guest RAM, ``int_type``: vCPUs)."""
+    from .cli import MAX_TIMEOUT, _host, _limit_size, _socket_type, ranged, seconds
+
     def verb(name, help_, ids=True, many=True):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("-H", "--host", help="the daemon's socket (default: $PYKVM_HOST or the standard path)")
+        p.add_argument("-H", "--host", type=_host,
+                       help="the daemon's socket, unix:///PATH or PATH (default: $PYKVM_HOST, else the daemon's "
+                            "default socket)")
         if ids:
             p.add_argument("vms", nargs="+" if many else None, metavar="VM", help="id, id prefix or name")
         return p
 
     d = sub.add_parser("daemon", help="serve the Engine API on a Unix socket and run VMs")
-    d.add_argument("--socket", help="socket path (default /run/pykvm/pykvm.sock as root, else "
+    d.add_argument("--socket", type=_socket_type("--socket", parent_must_exist=False),
+                   help="socket path (default /run/pykvm/pykvm.sock as root, else "
                                     "$XDG_RUNTIME_DIR/pykvm/pykvm.sock)")
     d.add_argument("--state-dir", help="database and logs (default /var/lib/pykvm as root, else "
                                        "$XDG_STATE_HOME/pykvm)")
-    d.add_argument("--memory-budget", type=size_type, default=None, metavar="SIZE",
+    d.add_argument("--memory-budget", type=_limit_size, default=None, metavar="SIZE",
                    help="guest RAM + VMM overhead the running VMs may hold (default: available memory - 256M)")
     d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     d.add_argument("--bridge", default="pykvm0", metavar="NAME",
@@ -153,7 +158,8 @@ def add_parsers(sub, size_type, int_type) -> None:
     for name, help_ in (("stop", "stop VMs: Ctrl-Alt-Del, then kill after -t seconds"),
                         ("restart", "stop then start VMs")):
         p = verb(name, help_)
-        p.add_argument("-t", "--time", type=float, default=10, help="seconds to wait before killing (default 10)")
+        p.add_argument("-t", "--time", type=seconds(0, MAX_TIMEOUT), default=10,
+                       help="seconds to wait before killing (default 10)")
     k = verb("kill", "kill VMs' VMM processes")
     k.add_argument("-s", "--signal", default="SIGKILL")
     r = verb("rm", "remove VMs")
@@ -161,7 +167,7 @@ def add_parsers(sub, size_type, int_type) -> None:
     verb("inspect", "VMs' full records as JSON")
     lg = verb("logs", "a VM's console output", many=False)
     lg.add_argument("-f", "--follow", action="store_true")
-    lg.add_argument("-n", "--tail", default="all", help="only the last N lines")
+    lg.add_argument("-n", "--tail", default="all", type=_tail, help="only the last N lines")
     lg.add_argument("-t", "--timestamps", action="store_true")
     verb("attach", "the VM's serial console here (Ctrl-A x detaches)", many=False)
     verb("pause", "pause VMs (every vCPU out of KVM_RUN)")
@@ -176,8 +182,16 @@ def add_parsers(sub, size_type, int_type) -> None:
     ev.add_argument("--until", help="unix time, or a duration before now (0s: now)")
     ev.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE", help="vm=, event=")
     tp = verb("top", "exit rate per reason of every running VM, refreshing (kvm_stat per VM)", ids=False)
-    tp.add_argument("-d", "--delay", type=float, default=1.0, help="seconds between refreshes")
-    tp.add_argument("-n", "--iterations", type=int, default=0, help="stop after N refreshes (default: never)")
+    tp.add_argument("-d", "--delay", type=seconds(0, 3600, lo_open=True), default=1.0, help="seconds between refreshes")
+    tp.add_argument("-n", "--iterations", type=ranged(0, 2**31 - 1, "a number of refreshes"), default=0,
+                    help="stop after N refreshes (default: never)")
+
+
+def _tail(text: str) -> str:
+    """``logs --tail``: ``all`` or a number of lines, 0 or more."""
+    if text == "all" or (text.isdigit() and int(text) < 2**31):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: give `all` or a number of lines (0 or more)")
 
 
 def spec_from_args(args) -> dict:
@@ -212,6 +226,8 @@ def spec_from_args(args) -> dict:
         if opt not in ("", "readonly"):
             raise UsageError(f"--drive {d}: the only option is readonly")
         drives.append({"PathOnHost": os.path.abspath(path), "ReadOnly": opt == "readonly"})
+    from .cli import check_drives  # refused here as by `pykvm run`, before the daemon opens anything
+    check_drives([(d["PathOnHost"], d["ReadOnly"]) for d in drives])
     spec["Drives"] = drives
     return spec
 
@@ -453,13 +469,18 @@ def cmd_events(client: Client, args) -> int:
 
 def _when(text: str) -> str:
     """A unix time, or a duration before now as docker accepts it (``30s``, ``10m``, ``2h``)."""
+    import math
     units = {"s": 1, "m": 60, "h": 3600}
     try:
         if text[-1:] in units:
-            return str(time.time() - float(text[:-1]) * units[text[-1]])
-        return str(float(text))
+            value = time.time() - float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
     except ValueError:
-        raise UsageError(f"not a time: {text!r} (a unix time, or a duration such as 30s, 10m, 2h)") from None
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value < 2**53):
+        raise UsageError(f"not a time: {text!r} (a unix time, or a duration such as 30s, 10m, 2h)")
+    return str(value)
 
 
 def cmd_stats(client: Client, args) -> int:
@@ -527,12 +548,16 @@ def cmd_top(client: Client, args) -> int:
 
 
 def cmd_attach(client: Client, args) -> int:
-    """``pykvm attach VM``: bridge this terminal to the VM's console until Ctrl-A x or the VM ends."""
-    return _attach(client, args.vms)
+    """``pykvm attach VM``: bridge this terminal to the VM's console until Ctrl-A x or the VM ends; from a pipe
+    or file, until its end: everything read is sent, then attach detaches with status 0 (the VM runs on)."""
+    return _attach(client, args.vms, detach_at_eof=True)
 
 
-def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
-    """Bridge this terminal (or pipe) to the VM's console until Ctrl-A x, the VM's end or EOF on a pipe."""
+def _attach(client: Client, ref: str, exit_status: bool = False, detach_at_eof: bool = False) -> int:
+    """Bridge this terminal (or pipe) to the VM's console until Ctrl-A x (a terminal), the VM's end, or, with
+    ``detach_at_eof``, the end of stdin (a closed stdin is at its end): all input is sent before the WebSocket's
+    closing handshake, whose frames come after it (RFC 6455 section 7), so the daemon has it all. Without it
+    (``start -a``), output is shown until the VM ends, whatever stdin does."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import unix_connect
     vm = client.json("GET", f"/vms/{_r(ref)}/json")
@@ -542,7 +567,7 @@ def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
         ws = unix_connect(str(client.socket_path), f"ws://pykvm/vms/{vm['Id']}/attach/ws")
     except (OSError, ConnectionClosed, Exception) as e:    # the handshake refused: the VM is not running
         raise DaemonError(409, f"cannot attach to {ref}: {e}") from None
-    stdin = sys.stdin.fileno() if not sys.stdin.closed else None
+    stdin = sys.stdin.fileno() if sys.stdin is not None and not sys.stdin.closed else None
     tty_state = None
     if stdin is not None and os.isatty(stdin):
         import termios
@@ -559,10 +584,10 @@ def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
             except OSError:
                 data = b""
             if not data:
-                if tty_state is None:      # a pipe ended: keep showing output until the VM ends
+                if tty_state is None and not detach_at_eof:   # start -a: output until the VM ends
                     return
                 stop.set()
-                ws.close()
+                ws.close()      # after every send above: the daemon has the input; detach
                 return
             out = bytearray()
             for b in data:
@@ -584,6 +609,9 @@ def _attach(client: Client, ref: str, exit_status: bool = False) -> int:
 
     if stdin is not None:
         threading.Thread(target=feed, daemon=True).start()
+    elif detach_at_eof:      # `<&-`: nothing will come, which is the end of input
+        stop.set()
+        ws.close()
     try:
         for message in ws:
             data = message if isinstance(message, bytes) else message.encode()

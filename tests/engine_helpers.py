@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -151,3 +153,32 @@ def state_of(daemon: Daemon, ref: str) -> dict:
 
 def ndjson(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def attach_session(daemon: Daemon, ref: str, data: bytes, until: bytes, timeout: float = 60):
+    """`pykvm attach REF` typing ``data``, stdin kept open until ``until`` shows in its output (or attach
+    ends first, as when the input ends the guest), then closed: attach detaches at that EOF. Returns
+    (output, stderr, exit status); a session that outlives ``timeout`` is killed (status -9)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "attach", ref], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    out = b""
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        while until not in out:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            out += chunk
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        proc.stdin = None
+        rest, err = proc.communicate()
+        return out + rest, err, proc.returncode
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

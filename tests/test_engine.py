@@ -14,7 +14,7 @@ import time
 
 import pytest
 from conftest import needs_kvm
-from engine_helpers import Daemon, crash_guest, echo_guest, ndjson, state_of, wait_for
+from engine_helpers import Daemon, attach_session, crash_guest, echo_guest, ndjson, state_of, wait_for
 
 
 @pytest.fixture
@@ -154,12 +154,7 @@ def test_attach_both_ways_and_lifecycle_conflicts(daemon, tmp_path):
     code, body = curl(daemon, "-X", "DELETE", "http://pykvm/vms/echo")
     assert code == 409 and "force" in json.loads(body)["message"]
     # the console through the real client: what goes in comes back; 'q' ends the guest (status 7)
-    attach = subprocess.Popen([*_pykvm(), "attach", "echo"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
-    try:
-        out, err = attach.communicate(b"ping-pong" + b"q", timeout=60)
-    finally:
-        attach.kill()
+    out, err, _ = attach_session(daemon, "echo", b"ping-pong" + b"q", b"ping-pong")
     assert b"ping-pong" in out, err
     wait_for(lambda: state_of(daemon, "echo")["Status"] == "exited", what="the echo guest's end")
     assert state_of(daemon, "echo")["ExitCode"] == 7
@@ -201,12 +196,7 @@ def test_daemon_restart_readopts_running_vms_and_records_the_dead(tmp_path):
         victim = state_of(d, "victim")
         assert victim["Status"] == "exited" and victim["ExitCode"] == 128 + signal.SIGKILL
         # the re-adopted VM is fully usable: its console answers, and its end is noticed
-        attach = subprocess.Popen([*_pykvm(), "attach", "survivor"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=dict(os.environ, **d.env))
-        try:
-            out, _ = attach.communicate(b"still here" + b"q", timeout=60)
-        finally:
-            attach.kill()
+        out, _, _ = attach_session(d, "survivor", b"still here" + b"q", b"still here")
         assert b"still here" in out
         wait_for(lambda: state_of(d, "survivor")["Status"] == "exited", what="the survivor's end")
         assert state_of(d, "survivor")["ExitCode"] == 7
@@ -338,12 +328,7 @@ def test_pause_stats_snapshot_and_restore_in_a_new_vmm(unjailed_daemon, tmp_path
     assert r.returncode == 0, r.stderr
     assert daemon.pykvm("rm", "-f", "src").returncode == 0      # the copy keeps its own files
     assert daemon.pykvm("start", "copy").returncode == 0
-    attach = subprocess.Popen([*_pykvm(), "attach", "copy"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
-    try:
-        out, _ = attach.communicate(b"restored" + b"q", timeout=60)
-    finally:
-        attach.kill()
+    out, _, _ = attach_session(daemon, "copy", b"restored" + b"q", b"restored")
     assert b"restored" in out
     wait_for(lambda: state_of(daemon, "copy")["Status"] == "exited", what="the restored guest's end")
     assert state_of(daemon, "copy")["ExitCode"] == 7
@@ -365,12 +350,7 @@ def test_follow_logs_live_events_and_top(unjailed_daemon, tmp_path):
                                   env=env)
         top = daemon.pykvm("top", "-n", "2", "-d", "0.2").stdout.decode()
         assert "live" in top and "IO" in top
-        attach = subprocess.Popen([*_pykvm(), "attach", "live"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=env)
-        try:
-            attach.communicate(b"followed" + b"q", timeout=60)
-        finally:
-            attach.kill()
+        attach_session(daemon, "live", b"followed" + b"q", b"followed")
         out, _ = follow.communicate(timeout=60)      # logs -f ends when the VM does
         assert b"followed" in out
         seen = b""

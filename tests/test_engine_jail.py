@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from conftest import needs_kvm
-from engine_helpers import Daemon, echo_guest, state_of, wait_for
+from engine_helpers import Daemon, attach_session, echo_guest, state_of, wait_for
 
 pytestmark = [needs_kvm,
               pytest.mark.skipif(os.geteuid() != 0, reason="the daemon jails VMMs only as root")]
@@ -81,13 +81,7 @@ def test_daemon_jails_its_vmm_and_cleans_up_on_rm(daemon, tmp_path):
     assert os.path.isdir(root) and os.path.exists(os.path.join(root, "dev", "kvm"))
     assert _cgroup_dirs(info["Id"]), "the VM's cgroup"
     # the console still works through the shim: what goes in comes back
-    attach = subprocess.Popen([sys.executable, "-m", "pykvm", "attach", "jailed"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
-    try:
-        out, err = attach.communicate(b"jailed-echo", timeout=30)
-    except subprocess.TimeoutExpired:
-        attach.kill()
-        out, err = attach.communicate()
+    out, err, _ = attach_session(daemon, "jailed", b"jailed-echo", b"jailed-echo", timeout=30)
     assert b"jailed-echo" in out, err
     assert state_of(daemon, "jailed")["Running"]
     # rm -f: the VMM dies, its cgroup and its root directory go with it

@@ -45,6 +45,13 @@ def _describe(errors) -> str:
     return "invalid request body: " + "; ".join(parts)
 
 
+def _same_id(field: str, in_path: str, in_body: str) -> None:
+    """The resource id in the path (``/drives/{drive_id}``, ``/network-interfaces/{iface_id}``) must be the
+    body's ``field``, as Firecracker requires; ApiError (400) naming both otherwise."""
+    if in_body != in_path:
+        raise c.ApiError(f"the {field} in the body ({in_body}) differs from the one in the path ({in_path})")
+
+
 def build_app(vmm: c.Vmm) -> FastAPI:
     """The ASGI app of one VM's API."""
     app = FastAPI(title="pykvm VMM API", version="1", openapi_url="/pykvm/openapi.json", docs_url=None,
@@ -107,23 +114,17 @@ def build_app(vmm: c.Vmm) -> FastAPI:
 
     @app.put("/drives/{drive_id}", status_code=204)
     def put_drive(drive_id: str, body: models.Drive):
-        if body.drive_id != drive_id:
-            raise c.ApiError(f"the drive_id in the body ({body.drive_id}) differs from the one in the path "
-                             f"({drive_id})")
+        _same_id("drive_id", drive_id, body.drive_id)
         return act(c.PutDrive(body))
 
     @app.patch("/drives/{drive_id}", status_code=204)
     def patch_drive(drive_id: str, body: models.PartialDrive):
-        if body.drive_id != drive_id:
-            raise c.ApiError(f"the drive_id in the body ({body.drive_id}) differs from the one in the path "
-                             f"({drive_id})")
+        _same_id("drive_id", drive_id, body.drive_id)
         return act(c.PatchDrive(body))
 
     @app.put("/network-interfaces/{iface_id}", status_code=204)
     def put_network_interface(iface_id: str, body: models.NetworkInterface):
-        if body.iface_id != iface_id:
-            raise c.ApiError(f"the iface_id in the body ({body.iface_id}) differs from the one in the path "
-                             f"({iface_id})")
+        _same_id("iface_id", iface_id, body.iface_id)
         return act(c.PutNetworkInterface(body))
 
     @app.put("/entropy", status_code=204)
@@ -187,7 +188,10 @@ def bind_unix(path: str, bind_path: str | None = None) -> socket.socket:
             probe.connect(path)
             raise UsageError(f"--api-sock {path} is in use by another process")
         except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)
+            os.unlink(path)        # stale: left by a VMM that was killed
+        except OSError as e:
+            raise UsageError(f"--api-sock {path} exists and cannot be probed ({e.strerror}); refusing to "
+                             "replace it") from None
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -196,7 +200,7 @@ def bind_unix(path: str, bind_path: str | None = None) -> socket.socket:
         sock.bind(bind_path or path)
     except OSError as e:
         sock.close()
-        raise UsageError(f"cannot create the API socket {path}: {e.strerror}") from None
+        raise UsageError(f"cannot create the API socket {path}: {e.strerror or e}") from None
     finally:
         os.umask(old)
     sock.listen(128)
@@ -218,6 +222,8 @@ class ApiServer:
         # Bound under a temporary name and renamed once uvicorn serves it: a client that sees the socket is
         # answered at once, instead of waiting in the backlog for the server's start-up (~25 ms).
         self._bind_path = staging or f"{path}.{os.getpid()}.tmp"
+        if staging is None and len(os.fsencode(self._bind_path)) > 107:    # sun_path: the temporary name must fit too
+            self._bind_path = path
         self._sock = bind_unix(path, self._bind_path)
         app = build_app(vmm)
         app.middleware_stack = app.build_middleware_stack()   # built now, not during the first request (~20 ms)
@@ -235,7 +241,7 @@ class ApiServer:
                 raise UsageError(f"the API server could not start on {self.path}")
             time.sleep(0.002)
         self._warm_up()
-        if self._publish:
+        if self._publish and self._bind_path != self.path:
             os.rename(self._bind_path, self.path)
         return self
 

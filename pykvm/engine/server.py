@@ -17,7 +17,9 @@ import grp
 import json
 import logging
 import os
+import signal
 import socket
+import stat
 import subprocess
 from pathlib import Path
 
@@ -136,6 +138,8 @@ def bind_socket(path: Path) -> socket.socket:
     root = os.geteuid() == 0
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if root else 0o700)
     if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):    # connect() to a plain file also says ECONNREFUSED
+            raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(str(path))
@@ -164,9 +168,24 @@ def bind_socket(path: Path) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending gracefully on SIGINT, SIGTERM and SIGHUP without re-raising the signal
+    afterwards (uvicorn's own handling does, which killed the daemon before it removed its socket file)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        old = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
 async def serve(socket_path: Path, state_dir: Path, memory_budget: int | None, jail: bool = True,
                 bridge=None) -> None:
-    """Run the daemon until SIGINT/SIGTERM; the VMs keep running after it."""
+    """Run the daemon until SIGINT, SIGTERM or SIGHUP, then remove its socket file; the VMs keep running."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state_dir, 0o700)
     lock = open(state_dir / "daemon.lock", "w")   # noqa: SIM115 - held for the daemon's life
@@ -183,7 +202,7 @@ async def serve(socket_path: Path, state_dir: Path, memory_budget: int | None, j
         config = uvicorn.Config(Limits(make_app(backend)), http=PeerCredProtocol, ws="websockets-sansio",
                                 log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=2,
                                 h11_max_incomplete_event_size=16384, lifespan="off")
-        server = uvicorn.Server(config)
+        server = _Server(config)
         log.info("pykvm daemon on %s, state in %s, memory budget %d MiB", socket_path, state_dir,
                  (backend.memory_budget or 0) >> 20)
         await server.serve(sockets=[sock])
