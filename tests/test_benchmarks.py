@@ -98,14 +98,18 @@ def test_pykvm_bench_runs_from_the_package_outside_the_checkout(tmp_path):
     """`pykvm bench` needs nothing from the source tree: the guest and the C source are package data;
     without gcc it measures pykvm alone (ratios then null)."""
     env = dict(os.environ, PATH="/nonexistent") if shutil.which("gcc") is None else None
-    proc = subprocess.run([sys.executable, "-m", "pykvm", "bench", "--count", "200", "--repeat", "1", "--json",
+    proc = subprocess.run([sys.executable, "-m", "pykvm", "bench", "--count", "2000", "--repeat", "1", "--json",
                            "--no-qemu"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert set(result) == KINDS and all(row["pykvm_us"] > 0 for row in result.values())
+    # One short repeat: a per-exit figure is (t(N) - t(0)) / N, and for the in-kernel kinds (a few ms in all)
+    # the host's noise can make it 0 (never negative); the exits that reach pykvm cost far more than that.
+    assert set(result) == KINDS and all(row["pykvm_us"] >= 0 for row in result.values())
+    assert all(result[kind]["pykvm_us"] > 0 for kind in ("pio_out", "pio_in", "mmio_write", "mmio_read"))
     assert all(row["qemu_us"] is None and row["ratio_qemu"] is None for row in result.values())   # --no-qemu
     if shutil.which("gcc") is not None:
-        assert all(row["ratio_c"] == pytest.approx(row["pykvm_us"] / row["c_us"], abs=6e-4) for row in result.values())
+        assert all(row["ratio_c"] == (pytest.approx(row["pykvm_us"] / row["c_us"], abs=6e-4) if row["c_us"]
+                                      else None) for row in result.values())
     else:
         assert all(row["c_us"] is None and row["ratio_c"] is None for row in result.values())
 
