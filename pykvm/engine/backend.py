@@ -91,6 +91,8 @@ class Backend:
         self.pidfds: dict[str, int] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.started = time.time()
+        self._list_key: tuple = ()
+        self._list_cache: dict[tuple, bytes] = {}
         self.zygote = ZygoteClient(state_dir)     # forks every shim and VMM (see pykvm.engine.zygote)
 
     # -- start-up and shut-down -----------------------------------------------------------------
@@ -275,6 +277,21 @@ class Backend:
             if _vm_matches(vm, filters):
                 out.append(self.summary(vm))
         return out
+
+    def list_json(self, all_: bool, uid: int | None) -> bytes:
+        """``GET /vms/json``'s body without filters, as JSON bytes: every VM (``uid`` None) or those of
+        ``uid``. Served from memory: rebuilt only when a record changed (``Store.version``) or the second
+        turned (the Status texts count seconds), so concurrent ``ps`` calls cost no query and no encoding."""
+        key = (self.store.version, int(time.time()))
+        if self._list_key != key:
+            self._list_key, self._list_cache = key, {}
+        body = self._list_cache.get((all_, uid))
+        if body is None:
+            out = [self.summary(vm) for vm in self.store.all()
+                   if (all_ or vm.state in ("running", "paused")) and (uid is None or vm.owner_uid == uid)]
+            body = json.dumps(out, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+            self._list_cache[(all_, uid)] = body
+        return body
 
     def info(self) -> dict:
         from ..kvm.host import host_backend
