@@ -233,10 +233,13 @@ def linux_guests(daemon: Daemon, n: int, mem_mib: int, boot_wait: float) -> dict
         waiting = set(ids)
         while waiting and time.monotonic() < deadline:
             waiting = {v for v in waiting if "pykvm-linux: init ready" not in console_text(daemon, v)}
+            print(f"\r{n - len(waiting)}/{n} at the shell after {time.perf_counter() - t0:.0f} s", end="",
+                  file=sys.stderr, flush=True)
             time.sleep(0.5)
-        if waiting:
-            raise RuntimeError(f"{len(waiting)} of {n} guests did not reach their shell within {boot_wait} s")
+        print(file=sys.stderr)
+        out["linux_at_shell"] = n - len(waiting)
         out["linux_all_at_shell_s"] = time.perf_counter() - t0
+        ids = [v for v in ids if v not in waiting]      # measure those that came up (the count says how many)
         time.sleep(2)      # let the shells settle to idle before measuring
         per_vm, beyond, nprocs = [], [], []
         for v in ids:
@@ -258,8 +261,8 @@ def linux_guests(daemon: Daemon, n: int, mem_mib: int, boot_wait: float) -> dict
     out["linux_vm_uss_beyond_guest_ram_max_mib"] = max(beyond) / 2**20
     out["linux_vm_processes"] = statistics.median(nprocs)
     with daemon.http() as c:
-        for v in ids:
-            c.delete(f"/vms/{v}", params={"force": "1"})
+        for vm in c.get("/vms/json").json():
+            c.delete(f"/vms/{vm['Id']}", params={"force": "1"})
     return out
 
 
