@@ -132,6 +132,12 @@ class Daemon:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
+        try:                        # the daemon's VM zygote (pykvm.engine.zygote) outlives it by design
+            zygote = int((self.state / "zygote.pid").read_text())
+            if str(self.state).encode() in Path(f"/proc/{zygote}/cmdline").read_bytes():
+                os.kill(zygote, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

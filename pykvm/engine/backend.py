@@ -27,7 +27,8 @@ from .. import __version__
 from . import logs, network
 from .access import Caller, Forbidden, open_as
 from .store import BadRequest, Conflict, NotFound, Store, Vm, check_name, new_id
-from .vmm import VmmApi, VmmError, has_jail, has_vmm_api, jailed_argv, launch_shim, restore_argv, vmm_argv
+from .vmm import VmmApi, VmmError, has_jail, has_vmm_api, jailed_argv, restore_argv, vmm_argv
+from .zygote import ZygoteClient, ZygoteError
 
 log = logging.getLogger("pykvm.engine")
 
@@ -88,15 +89,22 @@ class Backend:
         self.store = Store(state_dir / "pykvm.db")
         self.memory_budget = memory_budget
         self.subscribers: set[asyncio.Queue] = set()
-        self.procs: dict[str, object] = {}        # id -> Popen of shims this daemon started (to reap them)
         self.exited: dict[str, asyncio.Event] = {}
         self.pidfds: dict[str, int] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.started = time.time()
+        self._list_key: tuple = ()
+        self._list_cache: dict[tuple, bytes] = {}
+        self.zygote = ZygoteClient(state_dir)     # forks every shim and VMM (see pykvm.engine.zygote)
 
     # -- start-up and shut-down -----------------------------------------------------------------
     async def adopt(self) -> None:
-        """Re-adopt the VMs whose shims outlived a previous daemon; mark the others with how they ended."""
+        """Re-adopt the VMs whose shims outlived a previous daemon; mark the others with how they ended.
+        Reconnect to the zygote, or start one."""
+        try:
+            self.zygote.ensure()
+        except ZygoteError as e:
+            log.warning("%s: it is started again on the first VM start", e)
         running = 0
         for vm in self.store.all():
             self.bridge.learn(self.vmdir(vm.id))
@@ -272,6 +280,21 @@ class Backend:
                 out.append(self.summary(vm))
         return out
 
+    def list_json(self, all_: bool, uid: int | None) -> bytes:
+        """``GET /vms/json``'s body without filters, as JSON bytes: every VM (``uid`` None) or those of
+        ``uid``. Served from memory: rebuilt only when a record changed (``Store.version``) or the second
+        turned (the Status texts count seconds), so concurrent ``ps`` calls cost no query and no encoding."""
+        key = (self.store.version, int(time.time()))
+        if self._list_key != key:
+            self._list_key, self._list_cache = key, {}
+        body = self._list_cache.get((all_, uid))
+        if body is None:
+            out = [self.summary(vm) for vm in self.store.all()
+                   if (all_ or vm.state in ("running", "paused")) and (uid is None or vm.owner_uid == uid)]
+            body = json.dumps(out, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+            self._list_cache[(all_, uid)] = body
+        return body
+
     def info(self) -> dict:
         from ..kvm.host import host_backend
         vms = self.store.all()
@@ -333,17 +356,18 @@ class Backend:
             if jailed:
                 argv = jailed_argv(argv, vmdir, self.jail_base)
             try:
-                proc = launch_shim(vmdir, argv, list(fds.values()))
+                shim_pid, pidfd = self.zygote.start_shim(vmdir, argv, list(fds.values()))
+            except ZygoteError as e:
+                raise Conflict(f"cannot start VM {vm.name}: {e}") from None
             finally:
                 for fd in fds.values():
                     os.close(fd)
-            self.procs[vm.id] = proc
             now = time.time()
-            self.store.update(vm.id, state="running", shim_pid=proc.pid, shim_start=proc_start_time(proc.pid),
+            self.store.update(vm.id, state="running", shim_pid=shim_pid, shim_start=proc_start_time(shim_pid),
                               started_at=now, finished_at=None, exit_code=None, error="",
                               api_sock=str(api_sock) if api_sock else None, vmm_pid=None)
             vm = self.store.get(vm.id)
-            self._watch(vm)
+            self._watch(vm, pidfd)
             vmm_pid = await self._vmm_pid(vm)
             if vmm_pid:
                 self.store.update(vm.id, vmm_pid=vmm_pid)
@@ -370,12 +394,14 @@ class Backend:
     def _exit_event(self, vm_id: str) -> asyncio.Event:
         return self.exited.setdefault(vm_id, asyncio.Event())
 
-    def _watch(self, vm: Vm) -> bool:
-        """Learn when ``vm``'s shim ends (a pidfd becomes readable, pidfd_open(2)); False if it is gone."""
-        try:
-            fd = os.pidfd_open(vm.shim_pid)
-        except OSError:
-            return False
+    def _watch(self, vm: Vm, fd: int | None = None) -> bool:
+        """Learn when ``vm``'s shim ends (its pidfd, ``fd`` or pidfd_open(2), becomes readable); False if
+        it is gone."""
+        if fd is None:
+            try:
+                fd = os.pidfd_open(vm.shim_pid)
+            except OSError:
+                return False
         self.pidfds[vm.id] = fd
         self._exit_event(vm.id).clear()
         asyncio.get_event_loop().add_reader(fd, self._shim_ended, vm.id)
@@ -386,9 +412,6 @@ class Backend:
         if fd is not None:
             asyncio.get_event_loop().remove_reader(fd)
             os.close(fd)
-        proc = self.procs.pop(vm_id, None)
-        if proc is not None:
-            proc.wait()        # our child: reap it
         try:
             vm = self.store.get(vm_id)
         except NotFound:

@@ -22,6 +22,7 @@ import socket
 import stat
 import subprocess
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -29,7 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..errors import PykvmError, UsageError
 from .access import peer_credentials
 from .backend import Backend
-from .routes import make_app
+from .routes import API_VERSION, make_app
 
 log = logging.getLogger("pykvm.engine")
 
@@ -109,6 +110,47 @@ class Limits:
         except _TooSlow:
             if not started:
                 await _error(send, 408, f"the request body stalled for {BODY_TIMEOUT:.0f} s")
+
+
+TRUE, FALSE = {"1", "true", "on", "yes", "t", "y"}, {"0", "false", "off", "no", "f", "n"}
+
+
+class FastPaths:
+    """ASGI middleware answering the two calls clients poll most, ``GET /_ping`` and ``GET /vms/json``
+    (``docker ps``; with no query but ``all``), without the framework's routing, validation and encoding:
+    the list comes as ready bytes from :meth:`Backend.list_json`. Anything else, or any other query,
+    goes to the application, which answers the same calls identically."""
+
+    def __init__(self, app, backend: Backend, api_version: str) -> None:
+        self.app, self.backend = app, backend
+        self.ping_headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"2"),
+                             (b"api-version", api_version.encode())]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET":
+            if scope["path"] == "/_ping":
+                await send({"type": "http.response.start", "status": 200, "headers": self.ping_headers})
+                await send({"type": "http.response.body", "body": b"OK"})
+                return
+            if scope["path"] == "/vms/json":
+                body = self._list(scope)
+                if body is not None:
+                    await send({"type": "http.response.start", "status": 200, "headers": [
+                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        return await self.app(scope, receive, send)
+
+    def _list(self, scope) -> bytes | None:
+        caller = (scope.get("state") or {}).get("caller")
+        if caller is None:
+            return None
+        all_ = False
+        for key, value in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True):
+            if key != "all" or value.lower() not in TRUE | FALSE:
+                return None
+            all_ = value.lower() in TRUE
+        return self.backend.list_json(all_, None if caller.is_root else caller.uid)
 
 
 async def _error(send, status: int, message: str) -> None:
@@ -199,9 +241,9 @@ async def serve(socket_path: Path, state_dir: Path, memory_budget: int | None, j
     try:
         await backend.adopt()
         sock = bind_socket(socket_path)
-        config = uvicorn.Config(Limits(make_app(backend)), http=PeerCredProtocol, ws="websockets-sansio",
-                                log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=2,
-                                h11_max_incomplete_event_size=16384, lifespan="off")
+        config = uvicorn.Config(FastPaths(Limits(make_app(backend)), backend, API_VERSION), http=PeerCredProtocol,
+                                ws="websockets-sansio", log_level="warning", access_log=False, timeout_keep_alive=5,
+                                timeout_graceful_shutdown=2, h11_max_incomplete_event_size=16384, lifespan="off")
         server = _Server(config)
         log.info("pykvm daemon on %s, state in %s, memory budget %d MiB", socket_path, state_dir,
                  (backend.memory_budget or 0) >> 20)

@@ -44,9 +44,14 @@ def write_atomic(path: Path, data: dict) -> None:
 
 
 class Shim:
-    def __init__(self, vmdir: Path) -> None:
+    def __init__(self, vmdir: Path, config: dict | None = None, spawn=None) -> None:
+        """``config``: shim.json's content (read from ``vmdir`` if not given); ``spawn(argv, pass_fds)``:
+        starts the VMM with the shim's pipes as its stdin and stdout (default: a new process,
+        subprocess.Popen; the zygote passes a fork, :class:`pykvm.engine.zygote.ForkedVmm`)."""
         self.vmdir = vmdir
-        config = json.loads((vmdir / "shim.json").read_text())
+        if config is None:
+            config = json.loads((vmdir / "shim.json").read_text())
+        self.spawn = spawn or _popen
         self.argv: list[str] = config["argv"]
         self.pass_fds: list[int] = config.get("pass_fds", [])
         self.log = LogWriter(vmdir / "console.log", config.get("log_max_size", 1 << 20),
@@ -67,8 +72,7 @@ class Shim:
         listener.listen(16)
         listener.setblocking(False)
         try:
-            proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, pass_fds=self.pass_fds, close_fds=True)
+            proc = self.spawn(self.argv, self.pass_fds)
         except OSError as e:
             self.log.write(f"pykvm: cannot start the VMM: {e}\n".encode())
             write_atomic(self.vmdir / "exit.json", {"ExitCode": 127, "FinishedAt": time.time(), "Signal": None,
@@ -218,7 +222,14 @@ class Shim:
         client.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _popen(argv: list[str], pass_fds: list[int]) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            pass_fds=pass_fds, close_fds=True)
+
+
+def main(argv: list[str] | None = None, spawn=None, config: dict | None = None) -> int:
+    """``python -m pykvm.engine.shim VMDIR``; the zygote calls it in-process with its ``spawn`` and the
+    request as ``config`` (see :class:`Shim`)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m pykvm.engine.shim VMDIR", file=sys.stderr)
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
-        return Shim(Path(args[0])).run()
+        return Shim(Path(args[0]), config, spawn).run()
     except OSError as e:
         if e.errno == errno.ENOENT:
             print(f"shim: {e}", file=sys.stderr)

@@ -117,6 +117,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self.version = 0        # counts changes to ``vms``, so a reader may cache what it derived from them
 
     def close(self) -> None:
         self.db.close()
@@ -132,6 +133,7 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (vm.id, vm.name, json.dumps(vm.spec), vm.state, vm.created, vm.owner_uid, vm.owner_gid,
                      json.dumps(vm.owner_groups)))
+            self.version += 1
         except sqlite3.IntegrityError:
             raise Conflict(f'the name "{vm.name}" is already in use by another VM; remove it or choose '
                            "another name") from None
@@ -144,10 +146,12 @@ class Store:
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self.db:
             self.db.execute(f"UPDATE vms SET {cols} WHERE id = ?", (*fields.values(), vm_id))
+        self.version += 1
 
     def delete(self, vm_id: str) -> None:
         with self.db:
             self.db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+        self.version += 1
 
     def all(self) -> list[Vm]:
         """Every VM, newest first (as ``docker ps``)."""

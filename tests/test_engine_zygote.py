@@ -1,0 +1,209 @@
+"""The daemon's VM zygote (pykvm.engine.zygote): VMMs forked from one process that has imported pykvm (issue 12,
+part 5) behave as the VMMs the daemon used to execute: they survive daemon restarts, get exactly the descriptors
+they should, a dead zygote is replaced, and the zygote refuses what is not a VM start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import needs_kvm
+from engine_helpers import Daemon, echo_guest, state_of, wait_for
+
+
+def _zygote_pid(d: Daemon) -> int:
+    return int((d.state / "zygote.pid").read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _attach_echo(d: Daemon, ref: str, text: bytes) -> bytes:
+    """Type ``text`` and then 'q' on the echo guest's console through `pykvm attach`; what came back."""
+    attach = subprocess.Popen([sys.executable, "-m", "pykvm", "attach", ref], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **d.env))
+    try:
+        out, _ = attach.communicate(text + b"q", timeout=60)
+    finally:
+        attach.kill()
+        attach.wait()
+    return out
+
+
+def _fd_links(pid: int) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            pass
+    return out
+
+
+def _identity(pid: int, fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _request(d: Daemon, payload: bytes, fds: list[int] = ()) -> dict:
+    """One raw request to the daemon's zygote; its JSON answer (closing any pidfd it sent)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(30)
+        s.connect(str(d.state / "zygote.sock"))
+        socket.send_fds(s, [payload], list(fds))
+        data, got, _, _ = socket.recv_fds(s, 65536, 1)
+    finally:
+        s.close()
+    for fd in got:
+        os.close(fd)
+    return json.loads(data)
+
+
+@needs_kvm
+def test_vms_and_the_zygote_survive_a_daemon_restart(tmp_path):
+    d = Daemon()
+    d.start()
+    try:
+        zygote = _zygote_pid(d)
+        guest = str(echo_guest(tmp_path))
+        assert d.pykvm("run", "-d", "--name", "before", guest).returncode == 0
+        d.remember_shims()
+        shim = state_of(d, "before")["ShimPid"]
+        d.stop()
+        assert _alive(zygote) and _alive(shim)
+        d.start()
+        assert _zygote_pid(d) == zygote                 # the new daemon uses the zygote it found
+        assert state_of(d, "before")["Status"] == "running"
+        assert d.pykvm("run", "-d", "--name", "after", guest).returncode == 0
+        d.remember_shims()
+        for name in ("before", "after"):
+            assert b"hello " + name.encode() in _attach_echo(d, name, b"hello " + name.encode())
+            wait_for(lambda n=name: state_of(d, n)["Status"] == "exited", what=f"{name}'s end")
+            assert state_of(d, name)["ExitCode"] == 7    # debug-exit 3: the VMM's own status, through the shim
+        assert _zygote_pid(d) == zygote and _alive(zygote)
+    finally:
+        d.close()
+
+
+@needs_kvm
+@pytest.mark.parametrize("jail", [False, True], ids=["unjailed", "jailed"])
+def test_the_vmm_gets_exactly_its_descriptors(tmp_path, jail):
+    if jail and os.geteuid() != 0:
+        pytest.skip("a jailed VMM needs a daemon running as root")
+    d = Daemon(*(() if jail else ("--no-jail",)))
+    d.start()
+    try:
+        guest = echo_guest(tmp_path)
+        drive = tmp_path / "disk.img"
+        drive.write_bytes(b"\0" * 65536)
+        drive.chmod(0o644)
+        r = d.pykvm("run", "-d", "--name", "fds", "--drive", f"{drive},readonly", str(guest))
+        assert r.returncode == 0, r.stderr
+        d.remember_shims()
+        vm = state_of(d, "fds")
+        vmdir = d.state / "vms" / json.loads(d.pykvm("inspect", "fds").stdout)[0]["Id"][:16]
+        wait_for(lambda: "/dev/kvm" in _fd_links(vm["Pid"]).values() or jail, what="the VMM's /dev/kvm")
+        shim = json.loads((vmdir / "shim.json").read_text())
+        passed = shim["pass_fds"]
+        drive_fd = int(shim["argv"][shim["argv"].index("--drive") + 1].split(",")[0].rsplit("/", 1)[1])
+        assert len(passed) == 2 and drive_fd in passed
+        image_fd = next(n for n in passed if n != drive_fd)
+        vmms = [vm["Pid"]]
+        if jail:        # the VM's VMM is the jailed process; vmm.pid names its jailrun parent
+            jailed = wait_for(lambda: json.loads((vmdir / "jail.json").read_text())["Pid"]
+                              if (vmdir / "jail.json").exists() else None, what="jail.json")
+            wait_for(lambda: "/dev/kvm" in _fd_links(jailed).values(), what="the jailed VMM's /dev/kvm")
+            vmms.append(jailed)
+        others = {}          # (device, inode) of every descriptor above 2 of the zygote, the shim, the daemon
+        for pid in (_zygote_pid(d), vm["ShimPid"], d.proc.pid):
+            others.update({_identity(pid, n): t for n, t in _fd_links(pid).items() if n > 2})
+        for vmm in vmms:
+            links = _fd_links(vmm)
+            # the caller-opened files, at the numbers the VMM's command line names (the image may be closed
+            # once loaded; the drive stays open)
+            assert links.get(drive_fd) == str(drive), links
+            assert links.get(image_fd) in (str(guest), None) or not links[image_fd].startswith("/"), links
+            # its console: stdin and stdout/stderr are the shim's pipes
+            assert links[0].startswith("pipe:") and links[1].startswith("pipe:") and links[2] == links[1], links
+            # nothing of the zygote's, the shim's or the daemon's (anonymous inodes, such as epoll and
+            # eventfd descriptors, all share one inode and cannot be told apart this way)
+            leaked = {n: t for n, t in links.items() if n > 2 and n not in passed and not t.startswith("anon_inode")
+                      and _identity(vmm, n) in others}
+            assert not leaked, f"the VMM holds descriptors of other processes: {leaked}"
+            assert not [t for t in links.values() if str(d.state) in t], links
+        assert b"fds ok" in _attach_echo(d, "fds", b"fds ok")
+    finally:
+        d.close()
+
+
+@needs_kvm
+def test_a_zygote_that_died_is_restarted(tmp_path):
+    d = Daemon()
+    d.start()
+    try:
+        old = _zygote_pid(d)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: not _alive(old), what="the zygote's end")
+        guest = str(echo_guest(tmp_path))
+        r = d.pykvm("run", "-d", "--name", "phoenix", guest)
+        assert r.returncode == 0, r.stderr
+        d.remember_shims()
+        new = _zygote_pid(d)
+        assert new != old and _alive(new)
+        assert b"risen" in _attach_echo(d, "phoenix", b"risen")
+    finally:
+        d.close()
+
+
+@needs_kvm
+def test_a_bad_request_to_the_zygote_is_refused(tmp_path):
+    d = Daemon()
+    d.start()
+    try:
+        vmdir = d.state / "vms" / "0123456789abcdef"
+        vmdir.mkdir(mode=0o700)
+        marker = tmp_path / "ran"
+        shell = ["/bin/sh", "-c", f"touch {marker}", "x"]
+        good_argv = [sys.executable, "-m", "pykvm", "run", "-q", "hello-long64"]
+        null = os.open("/dev/null", os.O_RDONLY)
+        try:
+            for payload, fds in (
+                (b"{not json", []),
+                (json.dumps({"vmdir": str(vmdir), "argv": shell, "fds": []}).encode(), []),
+                (json.dumps({"vmdir": str(vmdir), "argv": [sys.executable, "-m", "pykvm", "daemon", "x"],
+                             "fds": []}).encode(), []),
+                (json.dumps({"vmdir": str(tmp_path), "argv": good_argv, "fds": []}).encode(), []),
+                (json.dumps({"vmdir": str(vmdir / ".."), "argv": good_argv, "fds": []}).encode(), []),
+                (json.dumps({"vmdir": str(vmdir), "argv": good_argv, "fds": [5]}).encode(), []),
+                (json.dumps({"vmdir": str(vmdir), "argv": good_argv, "fds": []}).encode(), [null]),
+                (json.dumps({"vmdir": str(vmdir), "argv": good_argv, "fds": [], "extra": 1}).encode(), []),
+            ):
+                answer = _request(d, payload, fds)
+                assert "error" in answer and "pid" not in answer, (payload, answer)
+        finally:
+            os.close(null)
+        assert not marker.exists()
+        assert not (vmdir / "shim.log").exists()            # nothing was started for any of them
+        # the zygote still serves: a well-formed request starts a VM that runs to its end
+        answer = _request(d, json.dumps({"vmdir": str(vmdir), "argv": good_argv, "fds": []}).encode())
+        assert answer.get("pid")
+        wait_for(lambda: (vmdir / "exit.json").exists(), what="the VM's exit.json")
+        assert json.loads((vmdir / "exit.json").read_text())["ExitCode"] == 0
+        records = [json.loads(line) for line in (vmdir / "console.log").read_text().splitlines()]
+        assert "Hello from 64-bit long mode!" in "".join(r["d"] for r in records)
+    finally:
+        d.close()
