@@ -425,7 +425,7 @@ def _signals_end(machine, signals=(signal.SIGTERM, signal.SIGHUP)):
 DETACHED_OPTIONS = {"detach", "image", "kernel", "initrd", "append", "mem", "cpus", "drive", "rng", "console", "net",
                     "name", "host"}
 # What `pykvm run --config-file/--restore` still uses: the file describes the whole VM.
-WHOLE_VM_OPTIONS = {"config_file", "restore", "mem_file", "api_sock", "id", "timeout", "quiet", "no_jail"}
+WHOLE_VM_OPTIONS = {"config_file", "restore", "mem_file", "api_sock", "id", "timeout", "quiet", "jail", "no_jail"}
 
 
 def cmd_run(args) -> int:
@@ -1096,9 +1096,6 @@ def _run_vmm_actions(args) -> list:
         raise UsageError("--config-file and --restore describe the whole VM; leave out the guest image and --kernel")
     whole = "--config-file" if args.config_file is not None else "--restore"
     refuse_beside(args, WHOLE_VM_OPTIONS, f"{whole} describes the whole VM")
-    if getattr(args, "jail", False):
-        raise UsageError(f"a VM from {whole} cannot be jailed yet: run it with --no-jail, or boot it with "
-                         "`pykvm jail -- run` and the options that describe it")
     if args.restore is None:
         if args.mem_file is not None:
             raise UsageError("--mem-file goes with --restore STATE (the snapshot's state file)")

@@ -55,7 +55,6 @@ def test_options_that_would_be_ignored_are_refused(args, named):
     (("run", "--name", "web", "spin"), ("--name", "-d")),
     (("run", "-H", "/tmp/x.sock", "spin"), ("-H", "-d")),
     (("run", "--id", "vm1", "spin"), ("--id", "--api-sock")),
-    (("jail", "--", "run", "--config-file", "vm.json"), ("--config-file", "jailed")),
 ])
 def test_options_meaningful_only_with_another_are_refused(args, words):
     refused(*args, words=words)
