@@ -327,7 +327,7 @@ def given_dests(words: list[str], command: str | None = None) -> set[str]:
     ``words`` parsed again by a parser whose every default is SUPPRESS, so unset dests stay absent.
     ``command``: as for :func:`build_parser`."""
     parser = build_parser(command)
-    parsers, seen = [parser], set()
+    parsers, seen, defaults = [parser], set(), []
     while parsers:
         p = parsers.pop()
         if id(p) in seen:
@@ -337,8 +337,13 @@ def given_dests(words: list[str], command: str | None = None) -> set[str]:
             if isinstance(action, argparse._SubParsersAction):
                 parsers.extend(action.choices.values())
             elif not action.required:
+                defaults.append((action, action.default))
                 action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(words))) - {"command"}
+    try:
+        return set(vars(parser.parse_args(words))) - {"command"}
+    finally:    # the parser may be shared (the engine's zygote builds it once): leave it as it was
+        for action, default in defaults:
+            action.default = default
 
 
 def _option_names(args, dests) -> str:

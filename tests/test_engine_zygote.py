@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import needs_kvm
-from engine_helpers import Daemon, echo_guest, state_of, wait_for
+from engine_helpers import Daemon, attach_session, echo_guest, state_of, wait_for
 
 
 def _zygote_pid(d: Daemon) -> int:
@@ -29,14 +28,9 @@ def _alive(pid: int) -> bool:
 
 
 def _attach_echo(d: Daemon, ref: str, text: bytes) -> bytes:
-    """Type ``text`` and then 'q' on the echo guest's console through `pykvm attach`; what came back."""
-    attach = subprocess.Popen([sys.executable, "-m", "pykvm", "attach", ref], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **d.env))
-    try:
-        out, _ = attach.communicate(text + b"q", timeout=60)
-    finally:
-        attach.kill()
-        attach.wait()
+    """Type ``text`` and then 'q' on the echo guest's console through `pykvm attach`; what came back
+    (stdin is kept open until the echo is back: attach detaches at the end of its input)."""
+    out, _, _ = attach_session(d, ref, text + b"q", until=text)
     return out
 
 
@@ -126,7 +120,8 @@ def test_the_vmm_gets_exactly_its_descriptors(tmp_path, jail):
         if jail:        # the VM's VMM is the jailed process; vmm.pid names its jailrun parent
             jailed = wait_for(lambda: json.loads((vmdir / "jail.json").read_text())["Pid"]
                               if (vmdir / "jail.json").exists() else None, what="jail.json")
-            wait_for(lambda: "/dev/kvm" in _fd_links(jailed).values(), what="the jailed VMM's /dev/kvm")
+            # its VM (/dev/kvm itself reads as a path in the jail's mount namespace, not as /dev/kvm)
+            wait_for(lambda: "anon_inode:kvm-vm" in _fd_links(jailed).values(), what="the jailed VMM's VM")
             vmms.append(jailed)
         others = {}          # (device, inode) of every descriptor above 2 of the zygote, the shim, the daemon
         for pid in (_zygote_pid(d), vm["ShimPid"], d.proc.pid):

@@ -103,8 +103,8 @@ def _preload() -> None:
         # Every VMM parses its command line with pykvm's parser: build it once here (argparse's
         # parse_args leaves the parser unchanged), not once per VM (about 15 ms each).
         from .. import cli
-        parser = cli.build_parser()
-        cli.build_parser = lambda: parser
+        parser = cli.build_parser()     # the whole parser serves every command
+        cli.build_parser = lambda command=None: parser
     gc.collect()
     gc.freeze()     # what the zygote holds now is never traversed by a child's collector (no COW for it)
 
