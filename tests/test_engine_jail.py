@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 from conftest import needs_kvm
@@ -151,13 +149,8 @@ def _jailed(daemon: Daemon, ref: str) -> dict:
 
 
 def _echo(daemon: Daemon, ref: str, text: bytes) -> bytes:
-    attach = subprocess.Popen([sys.executable, "-m", "pykvm", "attach", ref], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
-    try:
-        out, _ = attach.communicate(text, timeout=30)
-    except subprocess.TimeoutExpired:
-        attach.kill()
-        out, _ = attach.communicate()
+    """``text`` typed through `pykvm attach`, stdin held open until the guest echoes it; what came back."""
+    out, _, _ = attach_session(daemon, ref, text, until=text, timeout=30)
     return out
 
 
