@@ -2,7 +2,7 @@
 
 ``vmm_argv`` turns a VM's spec into the VMM's command line; ``jailed_argv`` wraps it in the jail
 (issue 13, part 4: :mod:`pykvm.engine.jailrun`, used when the daemon runs as root without
-``--no-jail``); ``launch_shim`` is the one place a VMM process is started (through its shim).
+``--no-jail``); :class:`pykvm.engine.zygote.ZygoteClient` starts the shim that starts it.
 ``VmmApi`` speaks Firecracker's API (PUT /actions, PATCH /vm, PUT /snapshot/create ...) to the
 VMM's own socket when the VMM has one.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
@@ -81,19 +80,6 @@ def jailed_argv(argv: list[str], vmdir: Path, chroot_base: Path) -> list[str]:
         raise ValueError("only a `pykvm run` VMM can be jailed")
     return [sys.executable, "-m", "pykvm.engine.jailrun", str(vmdir), vmdir.name, str(chroot_base), "--",
             *argv[3:]]
-
-
-def launch_shim(vmdir: Path, argv: list[str], pass_fds: list[int]) -> subprocess.Popen:
-    """Start the shim that starts the VMM (see :mod:`pykvm.engine.shim`), in a new session so neither
-    outlives nor dies with the daemon by accident."""
-    import json
-    (vmdir / "shim.json").write_text(json.dumps({"argv": argv, "pass_fds": pass_fds}))
-    for name in ("exit.json", "vmm.pid", "jail.json"):
-        (vmdir / name).unlink(missing_ok=True)
-    with open(vmdir / "shim.log", "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "pykvm.engine.shim", str(vmdir)], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out, pass_fds=pass_fds, start_new_session=True, close_fds=True,
-                                cwd="/")
 
 
 class VmmError(Exception):
