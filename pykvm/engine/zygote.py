@@ -447,7 +447,8 @@ class ZygoteClient:
         raise ZygoteError("the VM zygote could not be reached")
 
     def start_shim(self, vmdir: Path, argv: list[str], fds: list[int]) -> tuple[int, int]:
-        """Start VM ``vmdir``'s shim through the zygote: ``shim.json`` records the VMM's command line, the previous run's ``exit.json``/``vmm.pid``/``jail.json`` go, then
+        """Start VM ``vmdir``'s shim through the zygote: ``shim.json`` records the VMM's command line, the
+        previous run's ``exit.json``/``vmm.pid``/``jail.json`` go, then
         :meth:`launch`."""
         (vmdir / "shim.json").write_text(json.dumps({"argv": argv, "pass_fds": fds, "zygote": True}))
         for name in ("exit.json", "vmm.pid", "jail.json"):
