@@ -29,8 +29,8 @@ def daemon():
 
 @pytest.fixture
 def unjailed_daemon():
-    """For the tests that need the VMM's own API (pause, stats, snapshots, top's exit counts): a jailed
-    VMM serves none yet (README, "The engine"), so these run their daemon with --no-jail."""
+    """A daemon with --no-jail, for the tests of what the VMM's own API gives (pause, stats, snapshots, top's
+    exit counts) on unjailed VMMs; tests/test_engine_jail.py shows the same for jailed ones."""
     d = Daemon("--no-jail")
     d.start()
     try:

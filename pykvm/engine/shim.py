@@ -43,6 +43,21 @@ def write_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def listen_private(path: Path, backlog: int) -> socket.socket:
+    """A Unix socket listening at ``path``, its file born 0600 (no moment where others could connect)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    except OSError:
+        listener.close()
+        raise
+    finally:
+        os.umask(old)
+    listener.listen(backlog)
+    return listener
+
+
 class Shim:
     def __init__(self, vmdir: Path, config: dict | None = None, spawn=None) -> None:
         """``config``: shim.json's content (read from ``vmdir`` if not given); ``spawn(argv, pass_fds)``:
@@ -63,13 +78,7 @@ class Shim:
     def run(self) -> int:
         sock_path = self.vmdir / "console.sock"
         sock_path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            listener.bind(str(sock_path))
-        finally:
-            os.umask(old)
-        listener.listen(16)
+        listener = listen_private(sock_path, 16)
         listener.setblocking(False)
         try:
             proc = self.spawn(self.argv, self.pass_fds)

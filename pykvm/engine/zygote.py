@@ -54,6 +54,8 @@ import threading
 import time
 from pathlib import Path
 
+from .shim import listen_private
+
 MAX_REQUEST = 1 << 16       # bytes of one request's JSON
 MAX_FDS = 32                # descriptors passed with one request
 SOCKET_NAME = "zygote.sock"
@@ -333,15 +335,9 @@ def serve(state_dir: Path) -> int:
     _preload()
     vms_dir = (state_dir / "vms").resolve()
     path = state_dir / SOCKET_NAME
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = state_dir / f".{SOCKET_NAME}.{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    old = os.umask(0o177)
-    try:
-        listener.bind(str(tmp))
-    finally:
-        os.umask(old)
-    listener.listen(64)
+    listener = listen_private(tmp, 64)
     listener.settimeout(IDLE_CHECK)
     os.replace(tmp, path)           # a client sees no socket or a listening one, never a dead one
     mine = os.stat(path).st_ino
