@@ -101,7 +101,7 @@ def test_int3_guest_through_a_kernel_flag_is_the_same_as_bundled():
 @pytest.mark.parametrize("args,message", [
     (["-k", "guests/smp.elf", "--initrd", "guests/README.md"], "cannot take --initrd"),
     (["-k", "guests/hello-long64.bin", "--module", "guests/README.md"], "cannot take --module"),
-    (["-k", "guests/smp.elf", "-c", "0"], "--cpus must be between"),
+    (["-k", "guests/smp.elf", "-c", "0"], "-c/--cpus: '0' is out of range"),
     (["-k", "guests/nonexistent.elf"], "cannot read kernel"),
     (["--append", "x"], "need a --kernel"),
     (["-k", "/dev/zero"], "not a regular file"),

@@ -42,11 +42,13 @@ def _run_in_thread(machine: Machine, timeout: float | None) -> tuple[threading.T
 
 @needs_kvm
 def test_a_worker_thread_runs_a_machine_to_its_timeout():
+    before = set(threading.enumerate())           # (other tests' threads are not this test's business)
     with _machine(SPIN) as machine:
         thread, result = _run_in_thread(machine, 0.3)
         thread.join(30)
         assert not thread.is_alive() and result[0].status == STATUS_TIMEOUT
-        assert threading.active_count() == 1      # every vCPU thread joined
+        left = set(threading.enumerate()) - before
+        assert not left, f"threads the run left behind: {[t.name for t in left]}"     # every vCPU thread joined
 
 
 @needs_kvm
