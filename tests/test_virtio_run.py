@@ -132,7 +132,8 @@ def test_guest_without_its_device_says_so():
 
 
 @needs_kvm
-@pytest.mark.parametrize("spec, message", [("/nonexistent/disk.img", b"cannot use --drive /nonexistent/disk.img: No such file"),
+@pytest.mark.parametrize("spec, message", [("/nonexistent/disk.img",
+                                            b"cannot use --drive /nonexistent/disk.img: No such file"),
                                            ("x.img,turbo", b"unknown option")])
 def test_bad_drive_is_a_usage_error(spec, message):
     r = run_pykvm("run", "-k", "guests/virtio-blk.elf", "--drive", spec)
