@@ -19,6 +19,7 @@ import time
 from ..errors import UsageError
 from ..kvm.abi import STRUCTS, ffi
 from ..kvm.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
+from ..kvm.fd import KvmError
 from ..memory import PAGE_SIZE, back_with_file, dirty_pages, ram_regions, set_dirty_logging
 from .format import SnapshotError
 
@@ -31,6 +32,8 @@ def _blob(cdata) -> bytes:
 
 
 def _unblob(ctype: str, raw, what: str):
+    """A new ``ctype`` holding ``raw``, the exact bytes a snapshot recorded (untrusted: it is the state file's,
+    never a guest address); SnapshotError unless it is bytes of exactly ``sizeof(ctype)``."""
     if not isinstance(raw, (bytes, memoryview)):
         raise SnapshotError(f"the snapshot's {what} is not binary data")
     if len(raw) != ffi.sizeof(ctype):
@@ -96,6 +99,8 @@ def restore_vcpu(vcpu, state: dict, irqchip: bool) -> None:
         vcpu.set_vcpu_events(_unblob("struct kvm_vcpu_events", state["events"], "vCPU events"))
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"the snapshot's state of vCPU {vcpu.id} is malformed ({e!r})") from None
+    except KvmError as e:    # the file's bytes are the input: KVM refusing them is a bad snapshot, not a crash
+        raise SnapshotError(f"KVM refused the snapshot's state of vCPU {vcpu.id}: {e}") from None
 
 
 def _set_msrs(vcpu, msrs: dict[int, int]) -> None:
@@ -130,8 +135,10 @@ def restore_vm(vm, state: dict, irqchip: bool) -> None:
         clock = _unblob("struct kvm_clock_data", state["clock"], "KVM clock")
         clock.flags = 0   # only the clock value: the guest's time continues from where it was
         vm.set_clock(clock)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"the snapshot's VM state is malformed ({e!r})") from None
+    except KvmError as e:
+        raise SnapshotError(f"KVM refused the snapshot's VM state: {e}") from None
 
 
 def devices(machine) -> dict[str, object]:
