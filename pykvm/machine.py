@@ -376,9 +376,11 @@ class Machine:
     def _check_idle(self) -> None:
         """With an in-kernel irqchip, HLT never reaches us: a vCPU that halts with interrupts off
         just sleeps inside KVM_RUN. So every IDLE_POLL seconds, probe each vCPU that took no exit
-        since it was last seen (kick it out; it reports its MP state). When every vCPU is halted
-        with interrupts off, or parked waiting for a SIPI, and none has run since saying so, the
-        machine can never do anything again: the run ends, as it would on a HLT exit."""
+        since it was last seen halted with interrupts off (kick it out; it reports its MP state). When
+        every vCPU is halted with interrupts off, or parked waiting for a SIPI, and none has run since
+        saying so, the machine can never do anything again: the run ends, as it would on a HLT exit.
+        A vCPU seen running, or halted with interrupts on, is probed again even without an exit since:
+        it can reach ``cli; hlt`` without one (Linux's halt after its last console write)."""
         if self._pause_requested or (self.debug is not None and self.debug.holding()):
             return    # paused or stopped in the debugger: not idle, and the vCPUs cannot answer a probe
         dead = 0
@@ -388,7 +390,7 @@ class Machine:
                 state, if_flag, _ = idle
                 if (state == KVM_MP_STATE_HALTED and not if_flag) or state in _PARKED:
                     dead += 1
-                continue
+                    continue
             self._probe[i] = True
             self._kick(i)
         if dead == len(self.vcpus) and any(idle[0] == KVM_MP_STATE_HALTED for idle in self._idle):

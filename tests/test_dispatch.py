@@ -273,3 +273,19 @@ def test_odd_widths_reach_a_device_as_natural_pieces(rig):
     vcpu.run_buffer[MMIO_DATA:MMIO_DATA + 3] = b"\x01\x02\x03"
     h.table[ExitReason.MMIO](MmioExit(ExitReason.MMIO, 0xE000_0008, 3, 1))
     assert dev.log[3:] == [("w", 8, 2, 0x0201), ("w", 10, 1, 0x03)]
+
+
+def test_a_vcpu_seen_running_is_probed_again_until_it_is_seen_halted_with_interrupts_off():
+    """Linux's halt: its last console write (an exit), then cli; hlt inside KVM with no exit. A probe that
+    caught it between the two saw it running; without another probe the run never ended (a timeout
+    after 240 s in a loaded CI run)."""
+    from pykvm.kvm.constants import KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE
+    machine = FakeMachine()
+    machine.vcpus, machine.debug, kicked = [FakeVcpu()], None, []
+    machine._kick = kicked.append
+    machine._idle = [(KVM_MP_STATE_RUNNABLE, 0, 0)]            # seen running, no exit since
+    Machine._check_idle(machine)
+    assert kicked == [0] and machine._probe == [True] and not machine.ends
+    machine._idle = [(KVM_MP_STATE_HALTED, 0, 0)]              # the probe's answer: halted, IF clear
+    Machine._check_idle(machine)
+    assert kicked == [0] and machine.ends == [(STATUS_OK, "every vCPU halted with interrupts disabled")]
