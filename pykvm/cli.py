@@ -147,6 +147,8 @@ FREE_TEXT_OPTIONS = {
     "--restore": "--restore", "--mem-file": "--mem-file",
     "--stats-json": "--stats-json", "--plot": "--plot",
     "--trace-filter": "--trace-filter",
+    "--id": "--id",                       # Firecracker's instance ids may begin with a hyphen
+    "-H": "--host", "--host": "--host",   # a socket path
 }
 FREE_TEXT_COMMANDS = {"run", "vmm", "bench"}
 

@@ -45,6 +45,10 @@ HANG = 60        # seconds: only a hang reaches this
     (["run", "--restore", "-vm.state", "--mem-file", "-vm.mem"], "mem_file", "-vm.mem"),
     (["run", "--restore", "-vm.state", "--mem-file", "-vm.mem"], "restore", "-vm.state"),
     (["vmm", "--api-sock", "-api.sock"], "api_sock", "-api.sock"),
+    (["vmm", "--api-sock", "a.sock", "--id", "-vm1"], "id", "-vm1"),
+    (["run", "--api-sock", "a.sock", "--id", "-vm1"], "id", "-vm1"),
+    (["run", "-d", "-H", "-d.sock", "spin"], "host", "-d.sock"),
+    (["run", "-d", "--host", "-d.sock", "spin"], "host", "-d.sock"),
 ])
 def test_free_text_options_take_a_value_that_starts_with_a_dash(argv, dest, value):
     args = build_parser().parse_args(bind_free_text(argv))
