@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The tests send SIGINT to the pykvm processes they start, as a user's Ctrl-C (or kill -INT) would. A
+# pytest started in the background by a non-interactive shell (`pytest ... &` in a script: POSIX has
+# such jobs ignore SIGINT) passes that SIG_IGN on to every child, and a pykvm that inherits an ignored
+# SIGINT rightly keeps ignoring it (as nohup'd programs do): those tests then hung until their
+# timeouts. A handler of our own is reset to SIG_DFL in the children, which is what a user's pykvm has.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _kvm_problem() -> str | None:

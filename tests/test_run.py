@@ -92,9 +92,14 @@ def test_timeout_kicks_a_spinning_guest():
 def test_ctrl_c_ends_the_run_cleanly():
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "spin"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    assert proc.stdout.readline() == b"spinning forever\n"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    try:
+        assert proc.stdout.readline() == b"spinning forever\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:      # a hang: the guest spins forever, so end it here
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130
     assert b"interrupted" in err and b"Traceback" not in err
 

@@ -133,6 +133,13 @@ COUNTER = """
 """
 
 
+def _kill_if_running(proc: subprocess.Popen) -> None:
+    """A pykvm that did not end (the hang a test found): end it, so no spinning guest outlives the test."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def guest(tmp_path, source: str) -> str:
     path = tmp_path / "printer.bin"
     path.write_bytes(assemble(source, 64, tmp_path))
@@ -181,6 +188,7 @@ def test_a_stuck_reader_does_not_stop_signals_or_ctrl_a_x(tmp_path, console, how
             proc.send_signal(how)
         _, err = proc.communicate(timeout=HANG)
     finally:
+        _kill_if_running(proc)
         os.close(r)
         os.close(master)
         os.close(slave)
@@ -232,6 +240,7 @@ class TerminalRun:
             _, err = self.proc.communicate(timeout=HANG)
             return self.proc.returncode, err.decode(), termios.tcgetattr(self.slave)
         finally:
+            _kill_if_running(self.proc)
             os.close(self.master)
             os.close(self.slave)
 
