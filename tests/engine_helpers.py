@@ -132,13 +132,19 @@ class Daemon:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
-        try:                        # the daemon's VM zygote (pykvm.engine.zygote) outlives it by design
-            zygote = int((self.state / "zygote.pid").read_text())
-            if str(self.state).encode() in Path(f"/proc/{zygote}/cmdline").read_bytes():
-                os.kill(zygote, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+        kill_zygote(self.state)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def kill_zygote(state: Path) -> None:
+    """Kill the VM zygote (pykvm.engine.zygote) of the daemon whose state directory is ``state``, if one runs:
+    it outlives its daemon by design, so a test that started a daemon must end it itself."""
+    try:
+        zygote = int((state / "zygote.pid").read_text())
+        if str(state).encode() in Path(f"/proc/{zygote}/cmdline").read_bytes():
+            os.kill(zygote, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
 
 
 def wait_for(predicate, timeout: float = 30, what: str = "the condition"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, needs_kvm, run_pykvm
+from engine_helpers import kill_zygote
 
 from pykvm.errors import UsageError
 
@@ -224,6 +225,7 @@ def test_daemon_removes_its_socket_on_every_signal(sig, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+        kill_zygote(tmp_path / "state")
     assert proc.returncode == 0, err
     assert b"Traceback" not in err
     assert not sock.exists()
