@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -381,3 +382,35 @@ def test_attach_over_plain_http_with_curl(daemon, tmp_path):
     assert b"over-http" in out, err
     wait_for(lambda: state_of(daemon, "plain")["Status"] == "exited", what="the guest's end")
     assert state_of(daemon, "plain")["ExitCode"] == 7
+
+
+def _sockets(pid: int) -> int:
+    """How many sockets process ``pid`` holds open."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
+@needs_kvm
+def test_http_attach_client_that_disconnects_leaves_nothing_open(daemon):
+    """A curl attach killed mid-session ends its session in the daemon: its console connection is closed,
+    not kept (discarding output) for as long as the VM runs."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    assert daemon.pykvm("run", "-d", "--name", "quiet", "spin").returncode == 0
+    wait_for(lambda: b"spinning" in daemon.pykvm("logs", "quiet").stdout, what="the guest's first line")
+    before = _sockets(daemon.proc.pid)
+    for _ in range(3):
+        curl_attach = subprocess.Popen(["curl", "-sS", "-N", "-T", "-", "-X", "POST", "--unix-socket",
+                                        str(daemon.socket), "http://pykvm/vms/quiet/attach?logs=1"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert b"spinning" in curl_attach.stdout.readline()     # the session is up (the replayed log)
+        finally:
+            curl_attach.kill()
+            curl_attach.communicate()
+    wait_for(lambda: _sockets(daemon.proc.pid) <= before, timeout=15,
+             what=f"the daemon's sockets back to {before} (now {_sockets(daemon.proc.pid)})")
+    assert state_of(daemon, "quiet")["Status"] == "running"

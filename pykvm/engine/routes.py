@@ -107,11 +107,13 @@ class ConsoleStream(Response):
             while data := await self.reader.read(65536):
                 await send({"type": "http.response.body", "body": data, "more_body": True})
 
+        # pump_in ends only when the client has gone (after the body's last chunk, receive() waits for the
+        # disconnect), and pump_out when the VM's console closes: either ends the session. Output is never
+        # awaited past a disconnect: send() then drops it silently, so the session, its console connection
+        # and the shim's end of it would last as long as the VM.
         tasks = [asyncio.ensure_future(pump_out()), asyncio.ensure_future(pump_in())]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if tasks[1] in done and not tasks[0].done():     # the input ended: keep showing output
-                await tasks[0]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except OSError:
             pass
         finally:
