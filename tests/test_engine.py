@@ -76,7 +76,9 @@ def test_socket_modes(daemon):
 def test_errors_are_clean(daemon):
     code, body = curl(daemon, "http://pykvm/vms/0123abc/json")
     assert code == 404 and "no such VM" in json.loads(body)["message"]
-    for data in ("{not json", '{"Image": "hello-long64", "Bogus": 1}', '{"MemoryMiB": "lots"}', "[]"):
+    for data in ("{not json", '{"Image": "hello-long64", "Bogus": 1}', '{"MemoryMiB": "lots"}', "[]",
+                 '{"Image": "spin", "Vcpus": 65}', '{"Image": "spin", "MemoryMiB": 65537}',   # what run -c/-m refuse
+                 '{"Image": "spin", "MemoryMiB": 0}'):
         code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "-d", data,
                           "http://pykvm/vms/create")
         assert code == 400, data

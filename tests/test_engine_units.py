@@ -71,3 +71,17 @@ def test_filters():
     for bad in ("{", "[]", '{"nope": ["x"]}', '{"status": "running"}'):
         with pytest.raises(BadRequest):
             parse_filters(bad, {"status"})
+
+
+def test_create_takes_the_vcpus_and_memory_run_takes():
+    """POST /vms/create's limits are `pykvm run -c/-m`'s, so a VM the VMM would refuse is never created."""
+    from pydantic import ValidationError
+
+    from pykvm.engine.routes import MAX_CPUS, CreateRequest
+    from pykvm.machine import MAX_CPUS as MACHINE_MAX_CPUS
+    from pykvm.memory import MAX_RAM, MiB
+    assert MAX_CPUS == MACHINE_MAX_CPUS
+    CreateRequest(Image="spin", Vcpus=MAX_CPUS, MemoryMiB=MAX_RAM // MiB)
+    for bad in ({"Vcpus": MAX_CPUS + 1}, {"MemoryMiB": MAX_RAM // MiB + 1}, {"Vcpus": 0}, {"MemoryMiB": 0}):
+        with pytest.raises(ValidationError):
+            CreateRequest(Image="spin", **bad)

@@ -23,11 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..memory import MAX_RAM, MIN_RAM, MiB
 from .access import Caller, Forbidden
 from .backend import EVENT_FILTER_KEYS, FILTER_KEYS, Backend, NotModified, parse_filters
 from .store import BadRequest, Conflict, NotFound, Vm, check_name
 
 API_VERSION = "1.0"
+# What `pykvm run -c` takes (pykvm.machine.MAX_CPUS, not imported: the daemon does not load the VMM; a unit
+# test keeps the two equal). A create the VMM would refuse is refused here, not accepted and left to exit 2.
+MAX_CPUS = 64
 
 
 class Drive(BaseModel):
@@ -56,8 +60,8 @@ class CreateRequest(BaseModel):
     Kernel: str | None = Field(default=None, max_length=4096, description="a kernel image on the host")
     Initrd: str | None = Field(default=None, max_length=4096)
     Cmdline: str = Field(default="", max_length=4096)
-    MemoryMiB: int = Field(default=64, ge=1, le=1 << 20)
-    Vcpus: int = Field(default=1, ge=1, le=255)
+    MemoryMiB: int = Field(default=64, ge=MIN_RAM // MiB, le=MAX_RAM // MiB)
+    Vcpus: int = Field(default=1, ge=1, le=MAX_CPUS)
     Drives: list[Drive] = Field(default_factory=list, max_length=16)
     Rng: bool = False
     Console: Literal["uart", "virtio"] = "uart"
