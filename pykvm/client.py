@@ -198,7 +198,10 @@ def spec_from_args(args) -> dict:
     """The create request body for `create` / `run -d` options (paths made absolute: the daemon has no
     working directory of ours)."""
     from .boot import bundled
-    spec: dict = {"MemoryMiB": max(1, args.mem >> 20), "Vcpus": args.cpus, "Rng": bool(args.rng),
+    if args.mem % (1 << 20):        # MemoryMiB: rounding down would give the guest less than asked, unsaid
+        raise UsageError(f"-m/--mem: the daemon takes guest memory in whole MiB, and {args.mem:,} bytes is not "
+                         f"(give e.g. {max(1, args.mem >> 20)}M)")
+    spec: dict = {"MemoryMiB": args.mem >> 20, "Vcpus": args.cpus, "Rng": bool(args.rng),
                   "Console": args.console}
     net = getattr(args, "net", False)
     if net is True or net == ["bridge"]:       # create --net; run -d --net bridge
