@@ -83,6 +83,8 @@ def test_errors_are_clean(daemon):
                           "http://pykvm/vms/create")
         assert code == 400, data
         assert json.loads(body)["message"]
+    code, body = curl(daemon, "-X", "POST", "-d", '{"Image": "spin"}', "http://pykvm/vms/create")   # curl -d: a form
+    assert code == 400 and "Content-Type: application/json" in json.loads(body)["message"], body
     for name in ("../etc", "a/b", "..", ".hidden"):
         code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "-d", "{}",
                           "--url-query", f"name={name}", "http://pykvm/vms/create")

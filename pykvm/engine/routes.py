@@ -139,6 +139,14 @@ def make_app(backend: Backend) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";")[0].strip().lower()
+        if ctype and media != "application/json" and not media.endswith("+json") and any(
+                e.get("loc", ())[:1] == ("body",) for e in exc.errors()):
+            # FastAPI reads a body as JSON only when it says it is: curl -d sends a form's type, and the JSON
+            # then fails as "not a valid dictionary", which does not say why (Docker: moby's CheckForJSON)
+            return err(400, f"unsupported Content-Type {ctype!r}: the body must be JSON, sent with Content-Type: "
+                            "application/json (curl: -H 'Content-Type: application/json')")
         parts = []
         for e in exc.errors():
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
