@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -418,3 +419,35 @@ def test_http_attach_client_that_disconnects_leaves_nothing_open(daemon):
     wait_for(lambda: _sockets(daemon.proc.pid) <= before, timeout=15,
              what=f"the daemon's sockets back to {before} (now {_sockets(daemon.proc.pid)})")
     assert state_of(daemon, "quiet")["Status"] == "running"
+
+
+@needs_kvm
+def test_requests_in_flight_when_the_daemon_stops_get_an_answer_not_a_traceback(daemon):
+    """SIGTERM while a `wait` and a `logs -f` are open: uvicorn cancels them after its grace period. The wait gets
+    503 with a message (it was a bare 500), the log stream is cut (its client says the daemon went), the
+    daemon's log has no traceback, and the VM runs on."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    assert daemon.pykvm("run", "-d", "--name", "longrun", "spin").returncode == 0
+    before = _sockets(daemon.proc.pid)
+    waiter = subprocess.Popen(["curl", "-sS", "-X", "POST", "--unix-socket", str(daemon.socket), "-w", "\n%{http_code}",
+                               "http://pykvm/vms/longrun/wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    follower = subprocess.Popen([sys.executable, "-m", "pykvm", "logs", "-f", "longrun"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
+    try:
+        wait_for(lambda: _sockets(daemon.proc.pid) >= before + 2, what="both requests at the daemon")
+        daemon.remember_shims()
+        daemon.stop()
+        out, _ = waiter.communicate(timeout=60)
+        body, _, code = out.decode().rpartition("\n")
+        assert code == "503" and "shutting down" in json.loads(body)["message"], out
+        _, err = follower.communicate(timeout=60)
+        assert follower.returncode == 2 and b"cannot reach the pykvm daemon" in err, err
+    finally:
+        for proc in (waiter, follower):
+            proc.kill()
+            proc.wait()
+    log = (daemon.dir / "daemon.log").read_text()
+    assert "Traceback" not in log, log
+    daemon.start()                                   # the VM ran on; close() removes it
+    assert state_of(daemon, "longrun")["Status"] == "running"
