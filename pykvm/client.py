@@ -622,12 +622,21 @@ def _attach(client: Client, ref: str, exit_status: bool = False, detach_at_eof: 
     except ConnectionClosed:
         pass
     finally:
+        detached = stop.is_set()            # Ctrl-A x or the input's end: our own close
         stop.set()
         ws.close()
         if tty_state is not None:
             import termios
             termios.tcsetattr(stdin, termios.TCSADRAIN, tty_state)
             print("\r", file=sys.stderr)
+    code = None if detached else ws.close_code
+    if code is not None and code != 1000:   # 1000: the daemon's close when the VM's console ends
+        reason = ws.close_reason or ""
+        if 4000 <= code < 5000:             # the daemon's refusal after the handshake (routes.attach): 44xx
+            raise DaemonError(code - 4000, reason or f"the console session was refused (close code {code})")
+        raise UsageError(f"the daemon ended the console session of {ref} (WebSocket close code {code}"
+                         + (f": {reason}" if reason else "") + "): it stopped or restarted, or the connection "
+                         "broke; the VM itself may still run (`pykvm ps`)")
     if exit_status:
         state = client.json("GET", f"/vms/{_r(vm['Id'])}/json")["State"]
         return 0 if state["Running"] else state["ExitCode"]

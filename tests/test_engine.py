@@ -451,3 +451,24 @@ def test_requests_in_flight_when_the_daemon_stops_get_an_answer_not_a_traceback(
     assert "Traceback" not in log, log
     daemon.start()                                   # the VM ran on; close() removes it
     assert state_of(daemon, "longrun")["Status"] == "running"
+
+
+@needs_kvm
+def test_attach_says_so_when_the_daemon_ends_the_session(daemon):
+    """`pykvm attach` whose daemon stops mid-session ends at once with status 2 and a sentence, not with
+    status 0 and nothing, as if the user had detached or the VM had ended."""
+    assert daemon.pykvm("run", "-d", "--name", "attached", "spin").returncode == 0
+    before = _sockets(daemon.proc.pid)
+    attach = subprocess.Popen([sys.executable, "-m", "pykvm", "attach", "attached"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
+    try:
+        wait_for(lambda: _sockets(daemon.proc.pid) >= before + 2, what="the session at the daemon")  # + console
+        daemon.remember_shims()
+        daemon.stop()
+        _, err = attach.communicate(timeout=60)        # stdin still open: only the daemon's close ends it
+    finally:
+        attach.kill()
+        attach.wait()
+    assert attach.returncode == 2 and "ended the console session" in " ".join(err.decode().split()), err
+    daemon.start()
+    assert state_of(daemon, "attached")["Status"] == "running"
