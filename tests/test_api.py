@@ -288,3 +288,17 @@ def test_logger_and_metrics_on_a_fifo_nobody_reads_do_not_wedge_the_vmm(vmm, tmp
         assert b'"state": "Not started"' in os.read(reader, 65536)
     finally:
         os.close(reader)
+
+
+def test_snapshot_load_from_a_fifo_is_refused_not_waited_on(vmm, tmp_path):
+    """PUT /snapshot/load naming a named pipe nobody writes: refused at once as not a regular file (open(2) for
+    reading waited for a writer, wedging the controller: that call and every later one timed out)."""
+    import os
+    fifo = tmp_path / "state.fifo"
+    os.mkfifo(fifo)
+    mem = tmp_path / "mem"
+    mem.write_bytes(bytes(4096))
+    c = vmm.client
+    body = {"snapshot_path": str(fifo), "mem_backend": {"backend_path": str(mem), "backend_type": "File"}}
+    assert "not a regular file" in fault(c.put("/snapshot/load", json=body))
+    assert c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 64}).status_code == 204
