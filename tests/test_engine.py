@@ -18,6 +18,8 @@ import pytest
 from conftest import needs_kvm
 from engine_helpers import Daemon, attach_session, crash_guest, echo_guest, ndjson, state_of, wait_for
 
+from pykvm.engine.backend import MAX_ATTACH
+
 
 @pytest.fixture
 def daemon():
@@ -419,6 +421,43 @@ def test_http_attach_client_that_disconnects_leaves_nothing_open(daemon):
     wait_for(lambda: _sockets(daemon.proc.pid) <= before, timeout=15,
              what=f"the daemon's sockets back to {before} (now {_sockets(daemon.proc.pid)})")
     assert state_of(daemon, "quiet")["Status"] == "running"
+
+
+@needs_kvm
+def test_console_sessions_per_vm_are_capped(daemon):
+    """A VM takes MAX_ATTACH console sessions at once; one more is refused with 409 and a message, and a
+    slot is free again once a session ends. A session whose client vanished while the guest was not reading
+    its input lasts until the guest reads or the VM ends, so without the cap a client could run the daemon
+    out of descriptors."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    assert daemon.pykvm("run", "-d", "--name", "busy", "spin").returncode == 0
+    wait_for(lambda: b"spinning" in daemon.pykvm("logs", "busy").stdout, what="the guest's first line")
+
+    def curl_attach():
+        proc = subprocess.Popen(["curl", "-sS", "-N", "-T", "-", "-X", "POST", "-w", "\n%{http_code}", "--unix-socket",
+                                 str(daemon.socket), "http://pykvm/vms/busy/attach?logs=1"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        sessions.append(proc)
+        return proc
+
+    sessions: list[subprocess.Popen] = []
+    try:
+        for _ in range(MAX_ATTACH):
+            assert b"spinning" in curl_attach().stdout.readline()      # up: the replayed log came back
+        refused = curl_attach()
+        out, _ = refused.communicate(timeout=30)
+        body, _, code = out.decode().rpartition("\n")
+        assert code == "409" and f"already has {MAX_ATTACH} console sessions" in json.loads(body)["message"], out
+        sessions[0].kill()
+        sessions[0].communicate()
+        # the daemon frees the slot when it sees the disconnect: try again until it has
+        wait_for(lambda: b"spinning" in curl_attach().stdout.readline(), timeout=15,
+                 what="a session accepted again after one ended")
+    finally:
+        for proc in sessions:
+            proc.kill()
+            proc.communicate()
 
 
 @needs_kvm

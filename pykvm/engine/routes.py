@@ -87,10 +87,11 @@ class ConsoleStream(Response):
 
     media_type = "application/vnd.docker.raw-stream"
 
-    def __init__(self, backend, vm, reader, writer, replay: bool) -> None:
+    def __init__(self, backend, vm, reader, writer, replay: bool, slot: contextlib.ExitStack) -> None:
         super().__init__(status_code=200, media_type=self.media_type)
         self.raw_headers = [(b"content-type", self.media_type.encode())]   # no length: chunked, open-ended
         self.backend, self.vm, self.reader, self.writer, self.replay = backend, vm, reader, writer, replay
+        self.slot = slot     # the VM's console session this stream holds (Backend.attach_slot), freed at the end
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -124,6 +125,7 @@ class ConsoleStream(Response):
             for task in tasks:
                 task.cancel()
             self.writer.close()
+            self.slot.close()
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -336,24 +338,32 @@ def make_app(backend: Backend) -> FastAPI:
         the guest's input, the streamed response its output, both at once (``curl -T - ...``)."""
         vm = vm_for(request, ref)
         path = backend.console_socket(vm)
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(path))
-        except OSError:
-            raise Conflict(f"VM {vm.name}'s console is not there (has it just ended?)") from None
-        return ConsoleStream(backend, vm, reader, writer, logs)
+        with contextlib.ExitStack() as slot:
+            slot.enter_context(backend.attach_slot(vm))
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+            except OSError:
+                raise Conflict(f"VM {vm.name}'s console is not there (has it just ended?)") from None
+            return ConsoleStream(backend, vm, reader, writer, logs, slot.pop_all())
 
     @app.websocket("/vms/{ref}/attach/ws")
     async def attach(websocket: WebSocket, ref: str, logs: bool = False):
         """The VM's console, both ways, over one connection (Docker's ``/attach/ws``): binary messages
         from the client are the guest's input; the guest's output comes back as binary messages."""
+        slot = contextlib.ExitStack()
         try:
             vm = vm_for(websocket, ref)
             path = backend.console_socket(vm)
+            slot.enter_context(backend.attach_slot(vm))
         except (NotFound, Conflict, Forbidden) as e:
             code = 4404 if isinstance(e, NotFound) else 4403 if isinstance(e, Forbidden) else 4409
             await websocket.accept()            # so the client sees why, in the close frame
             await websocket.close(code=code, reason=str(e)[:120])
             return
+        with slot:
+            await _console_ws(websocket, vm, path, logs)
+
+    async def _console_ws(websocket: WebSocket, vm, path, logs: bool) -> None:
         try:
             reader, writer = await asyncio.open_unix_connection(str(path))
         except OSError:
