@@ -198,7 +198,10 @@ def spec_from_args(args) -> dict:
     """The create request body for `create` / `run -d` options (paths made absolute: the daemon has no
     working directory of ours)."""
     from .boot import bundled
-    spec: dict = {"MemoryMiB": max(1, args.mem >> 20), "Vcpus": args.cpus, "Rng": bool(args.rng),
+    if args.mem % (1 << 20):        # MemoryMiB: rounding down would give the guest less than asked, unsaid
+        raise UsageError(f"-m/--mem: the daemon takes guest memory in whole MiB, and {args.mem:,} bytes is not "
+                         f"(give e.g. {max(1, args.mem >> 20)}M)")
+    spec: dict = {"MemoryMiB": args.mem >> 20, "Vcpus": args.cpus, "Rng": bool(args.rng),
                   "Console": args.console}
     net = getattr(args, "net", False)
     if net is True or net == ["bridge"]:       # create --net; run -d --net bridge
@@ -619,12 +622,21 @@ def _attach(client: Client, ref: str, exit_status: bool = False, detach_at_eof: 
     except ConnectionClosed:
         pass
     finally:
+        detached = stop.is_set()            # Ctrl-A x or the input's end: our own close
         stop.set()
         ws.close()
         if tty_state is not None:
             import termios
             termios.tcsetattr(stdin, termios.TCSADRAIN, tty_state)
             print("\r", file=sys.stderr)
+    code = None if detached else ws.close_code
+    if code is not None and code != 1000:   # 1000: the daemon's close when the VM's console ends
+        reason = ws.close_reason or ""
+        if 4000 <= code < 5000:             # the daemon's refusal after the handshake (routes.attach): 44xx
+            raise DaemonError(code - 4000, reason or f"the console session was refused (close code {code})")
+        raise UsageError(f"the daemon ended the console session of {ref} (WebSocket close code {code}"
+                         + (f": {reason}" if reason else "") + "): it stopped or restarted, or the connection "
+                         "broke; the VM itself may still run (`pykvm ps`)")
     if exit_status:
         state = client.json("GET", f"/vms/{_r(vm['Id'])}/json")["State"]
         return 0 if state["Running"] else state["ExitCode"]

@@ -269,3 +269,36 @@ def test_a_restored_vms_drives_keep_their_api_names_and_can_be_patched(vmm, tmp_
         assert fresh.client.get("/vm/config").json()["drives"] == [dict(drive, path_on_host=str(other))]
     finally:
         fresh.close()
+
+
+def test_logger_and_metrics_on_a_fifo_nobody_reads_do_not_wedge_the_vmm(vmm, tmp_path):
+    """Firecracker's logger takes a named pipe: one with no reader is refused at once, and the VMM answers
+    the next call (open(2) for writing used to block the controller, so every later action timed out)."""
+    import os
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    c = vmm.client
+    assert "nobody reads" in fault(c.put("/logger", json={"log_path": str(fifo)}))
+    assert "nobody reads" in fault(c.put("/metrics", json={"metrics_path": str(fifo)}))
+    assert c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 64}).status_code == 204
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)     # with a reader the pipe is taken, as a file is
+    try:
+        assert c.put("/metrics", json={"metrics_path": str(fifo)}).status_code == 204
+        assert c.put("/actions", json={"action_type": "FlushMetrics"}).status_code == 204
+        assert b'"state": "Not started"' in os.read(reader, 65536)
+    finally:
+        os.close(reader)
+
+
+def test_snapshot_load_from_a_fifo_is_refused_not_waited_on(vmm, tmp_path):
+    """PUT /snapshot/load naming a named pipe nobody writes: refused at once as not a regular file (open(2) for
+    reading waited for a writer, wedging the controller: that call and every later one timed out)."""
+    import os
+    fifo = tmp_path / "state.fifo"
+    os.mkfifo(fifo)
+    mem = tmp_path / "mem"
+    mem.write_bytes(bytes(4096))
+    c = vmm.client
+    body = {"snapshot_path": str(fifo), "mem_backend": {"backend_path": str(mem), "backend_type": "File"}}
+    assert "not a regular file" in fault(c.put("/snapshot/load", json=body))
+    assert c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 64}).status_code == 204

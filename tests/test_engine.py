@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -9,12 +10,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 from conftest import needs_kvm
 from engine_helpers import Daemon, attach_session, crash_guest, echo_guest, ndjson, state_of, wait_for
+
+from pykvm.engine.backend import MAX_ATTACH
 
 
 @pytest.fixture
@@ -75,11 +79,15 @@ def test_socket_modes(daemon):
 def test_errors_are_clean(daemon):
     code, body = curl(daemon, "http://pykvm/vms/0123abc/json")
     assert code == 404 and "no such VM" in json.loads(body)["message"]
-    for data in ("{not json", '{"Image": "hello-long64", "Bogus": 1}', '{"MemoryMiB": "lots"}', "[]"):
+    for data in ("{not json", '{"Image": "hello-long64", "Bogus": 1}', '{"MemoryMiB": "lots"}', "[]",
+                 '{"Image": "spin", "Vcpus": 65}', '{"Image": "spin", "MemoryMiB": 65537}',   # what run -c/-m refuse
+                 '{"Image": "spin", "MemoryMiB": 0}'):
         code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "-d", data,
                           "http://pykvm/vms/create")
         assert code == 400, data
         assert json.loads(body)["message"]
+    code, body = curl(daemon, "-X", "POST", "-d", '{"Image": "spin"}', "http://pykvm/vms/create")   # curl -d: a form
+    assert code == 400 and "Content-Type: application/json" in json.loads(body)["message"], body
     for name in ("../etc", "a/b", "..", ".hidden"):
         code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "-d", "{}",
                           "--url-query", f"name={name}", "http://pykvm/vms/create")
@@ -381,3 +389,125 @@ def test_attach_over_plain_http_with_curl(daemon, tmp_path):
     assert b"over-http" in out, err
     wait_for(lambda: state_of(daemon, "plain")["Status"] == "exited", what="the guest's end")
     assert state_of(daemon, "plain")["ExitCode"] == 7
+
+
+def _sockets(pid: int) -> int:
+    """How many sockets process ``pid`` holds open."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
+@needs_kvm
+def test_http_attach_client_that_disconnects_leaves_nothing_open(daemon):
+    """A curl attach killed mid-session ends its session in the daemon: its console connection is closed,
+    not kept (discarding output) for as long as the VM runs."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    assert daemon.pykvm("run", "-d", "--name", "quiet", "spin").returncode == 0
+    wait_for(lambda: b"spinning" in daemon.pykvm("logs", "quiet").stdout, what="the guest's first line")
+    before = _sockets(daemon.proc.pid)
+    for _ in range(3):
+        curl_attach = subprocess.Popen(["curl", "-sS", "-N", "-T", "-", "-X", "POST", "--unix-socket",
+                                        str(daemon.socket), "http://pykvm/vms/quiet/attach?logs=1"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert b"spinning" in curl_attach.stdout.readline()     # the session is up (the replayed log)
+        finally:
+            curl_attach.kill()
+            curl_attach.communicate()
+    wait_for(lambda: _sockets(daemon.proc.pid) <= before, timeout=15,
+             what=f"the daemon's sockets back to {before} (now {_sockets(daemon.proc.pid)})")
+    assert state_of(daemon, "quiet")["Status"] == "running"
+
+
+@needs_kvm
+def test_console_sessions_per_vm_are_capped(daemon):
+    """A VM takes MAX_ATTACH console sessions at once; one more is refused with 409 and a message, and a
+    slot is free again once a session ends. A session whose client vanished while the guest was not reading
+    its input lasts until the guest reads or the VM ends, so without the cap a client could run the daemon
+    out of descriptors."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    assert daemon.pykvm("run", "-d", "--name", "busy", "spin").returncode == 0
+    wait_for(lambda: b"spinning" in daemon.pykvm("logs", "busy").stdout, what="the guest's first line")
+
+    def curl_attach():
+        proc = subprocess.Popen(["curl", "-sS", "-N", "-T", "-", "-X", "POST", "-w", "\n%{http_code}", "--unix-socket",
+                                 str(daemon.socket), "http://pykvm/vms/busy/attach?logs=1"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        sessions.append(proc)
+        return proc
+
+    sessions: list[subprocess.Popen] = []
+    try:
+        for _ in range(MAX_ATTACH):
+            assert b"spinning" in curl_attach().stdout.readline()      # up: the replayed log came back
+        refused = curl_attach()
+        out, _ = refused.communicate(timeout=30)
+        body, _, code = out.decode().rpartition("\n")
+        assert code == "409" and f"already has {MAX_ATTACH} console sessions" in json.loads(body)["message"], out
+        sessions[0].kill()
+        sessions[0].communicate()
+        # the daemon frees the slot when it sees the disconnect: try again until it has
+        wait_for(lambda: b"spinning" in curl_attach().stdout.readline(), timeout=15,
+                 what="a session accepted again after one ended")
+    finally:
+        for proc in sessions:
+            proc.kill()
+            proc.communicate()
+
+
+@needs_kvm
+def test_requests_in_flight_when_the_daemon_stops_get_an_answer_not_a_traceback(daemon):
+    """SIGTERM while a `wait` and a `logs -f` are open: uvicorn cancels them after its grace period. The wait gets
+    503 with a message (it was a bare 500), the log stream is cut (its client says the daemon went), the
+    daemon's log has no traceback, and the VM runs on."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    assert daemon.pykvm("run", "-d", "--name", "longrun", "spin").returncode == 0
+    before = _sockets(daemon.proc.pid)
+    waiter = subprocess.Popen(["curl", "-sS", "-X", "POST", "--unix-socket", str(daemon.socket), "-w", "\n%{http_code}",
+                               "http://pykvm/vms/longrun/wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    follower = subprocess.Popen([sys.executable, "-m", "pykvm", "logs", "-f", "longrun"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
+    try:
+        wait_for(lambda: _sockets(daemon.proc.pid) >= before + 2, what="both requests at the daemon")
+        daemon.remember_shims()
+        daemon.stop()
+        out, _ = waiter.communicate(timeout=60)
+        body, _, code = out.decode().rpartition("\n")
+        assert code == "503" and "shutting down" in json.loads(body)["message"], out
+        _, err = follower.communicate(timeout=60)
+        assert follower.returncode == 2 and b"cannot reach the pykvm daemon" in err, err
+    finally:
+        for proc in (waiter, follower):
+            proc.kill()
+            proc.wait()
+    log = (daemon.dir / "daemon.log").read_text()
+    assert "Traceback" not in log, log
+    daemon.start()                                   # the VM ran on; close() removes it
+    assert state_of(daemon, "longrun")["Status"] == "running"
+
+
+@needs_kvm
+def test_attach_says_so_when_the_daemon_ends_the_session(daemon):
+    """`pykvm attach` whose daemon stops mid-session ends at once with status 2 and a sentence, not with
+    status 0 and nothing, as if the user had detached or the VM had ended."""
+    assert daemon.pykvm("run", "-d", "--name", "attached", "spin").returncode == 0
+    before = _sockets(daemon.proc.pid)
+    attach = subprocess.Popen([sys.executable, "-m", "pykvm", "attach", "attached"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **daemon.env))
+    try:
+        wait_for(lambda: _sockets(daemon.proc.pid) >= before + 2, what="the session at the daemon")  # + console
+        daemon.remember_shims()
+        daemon.stop()
+        _, err = attach.communicate(timeout=60)        # stdin still open: only the daemon's close ends it
+    finally:
+        attach.kill()
+        attach.wait()
+    assert attach.returncode == 2 and "ended the console session" in " ".join(err.decode().split()), err
+    daemon.start()
+    assert state_of(daemon, "attached")["Status"] == "running"

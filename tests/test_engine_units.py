@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import run_pykvm
 
 from pykvm.engine import logs
 from pykvm.engine.backend import parse_filters
@@ -71,3 +72,28 @@ def test_filters():
     for bad in ("{", "[]", '{"nope": ["x"]}', '{"status": "running"}'):
         with pytest.raises(BadRequest):
             parse_filters(bad, {"status"})
+
+
+def test_create_takes_the_vcpus_and_memory_run_takes():
+    """POST /vms/create's limits are `pykvm run -c/-m`'s, so a VM the VMM would refuse is never created."""
+    from pydantic import ValidationError
+
+    from pykvm.engine.routes import MAX_CPUS, CreateRequest
+    from pykvm.machine import MAX_CPUS as MACHINE_MAX_CPUS
+    from pykvm.memory import MAX_RAM, MiB
+    assert MAX_CPUS == MACHINE_MAX_CPUS
+    CreateRequest(Image="spin", Vcpus=MAX_CPUS, MemoryMiB=MAX_RAM // MiB)
+    for bad in ({"Vcpus": MAX_CPUS + 1}, {"MemoryMiB": MAX_RAM // MiB + 1}, {"Vcpus": 0}, {"MemoryMiB": 0}):
+        with pytest.raises(ValidationError):
+            CreateRequest(Image="spin", **bad)
+
+
+@pytest.mark.parametrize("verb", [["create"], ["run", "-d"]])
+def test_client_refuses_memory_the_daemon_would_round(tmp_path, verb):
+    """The daemon takes MemoryMiB: `-m 1536K` is refused (status 2) before asking it, not sent as 1 MiB."""
+    env = {"PYKVM_HOST": f"unix://{tmp_path}/no-daemon.sock"}
+    r = run_pykvm(*verb, "-m", "1536K", "spin", env=env)
+    err = " ".join(r.stderr.decode().split())
+    assert r.returncode == 2 and "whole MiB" in err and "1,572,864 bytes" in err, err
+    r = run_pykvm(*verb, "-m", "2M", "spin", env=env)           # whole MiB: on to the (absent) daemon
+    assert r.returncode == 2 and "cannot reach the pykvm daemon" in r.stderr.decode(), r.stderr

@@ -118,3 +118,13 @@ def test_bad_debug_options_are_usage_errors(capsys, args, message):
     assert main(["run", "hello-long64", *args]) == 2      # refused before any VM is made
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where,message", [("dir", "is a directory"), ("missing/stats.json", "does not exist")])
+def test_stats_json_that_cannot_be_written_is_refused_before_the_run(tmp_path, where, message):
+    """--stats-json is written after the run: a path that cannot be a file is refused before the guest
+    starts (status 2), not after a long run whose statistics would then be lost."""
+    (tmp_path / "dir").mkdir()
+    r = run_pykvm("run", "hello-long64", "--stats-json", str(tmp_path / where))
+    assert r.returncode == 2 and message in " ".join(r.stderr.decode().split()), r.stderr
+    assert b"Hello" not in r.stdout            # the guest never ran

@@ -11,6 +11,7 @@ controller has built it, on InstanceStart or on a snapshot load: see :meth:`Vmm.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -578,7 +579,16 @@ def _read_file(path: str, what: str, limit: int) -> bytes:
 
 
 def _open_append(path: str, what: str):
+    """``path`` opened to append lines (PUT /logger, /metrics); ApiError if it cannot be. Firecracker takes a
+    named pipe there too: it is opened without waiting for a reader (O_NONBLOCK; a plain open(2) for writing
+    blocks until one comes, and the controller thread with it, so every later action timed out), and refused
+    with ENXIO when nobody reads it. Writes stay non-blocking: a pipe nobody empties loses lines, never
+    holds the controller."""
     try:
-        return open(path, "a", buffering=1)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise ApiError(f"cannot open {what} {path}: it is a named pipe (FIFO) that nobody reads; start its "
+                           "reader first") from None
         raise ApiError(f"cannot open {what} {path}: {e.strerror}") from None
+    return os.fdopen(fd, "a", buffering=1)

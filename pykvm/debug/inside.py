@@ -8,6 +8,7 @@ socket is closed with the Machine.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -53,6 +54,12 @@ def check(opts: Options) -> None:
         raise UsageError(f"--step {opts.step}: give a number of instructions, at least 1")
     if opts.step_from is not None and not opts.step:
         raise UsageError("--step-from needs --step N (how many instructions to step from there)")
+    if opts.stats_json:     # written after the run: a path that cannot be a file would lose a long run's record
+        parent = os.path.dirname(opts.stats_json) or "."
+        if os.path.isdir(opts.stats_json):
+            raise UsageError(f"--stats-json {opts.stats_json} is a directory: give a file to write the statistics to")
+        if not os.path.isdir(parent):
+            raise UsageError(f"--stats-json {opts.stats_json}: the directory {parent} does not exist")
     if opts.gdb is not None:
         parse_gdb_address(opts.gdb)
     elif opts.gdb_wait:

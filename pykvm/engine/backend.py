@@ -35,6 +35,7 @@ log = logging.getLogger("pykvm.engine")
 VMM_OVERHEAD_MIB = 64           # host memory a VMM process needs beyond guest RAM (charged to the budget)
 RESERVE_MIB = 256               # what the default budget leaves to the host
 DIR_DIGITS = 16                 # hex digits of the id naming a VM's directory
+MAX_ATTACH = 8                  # console sessions at once per VM (each holds sockets until it ends)
 
 
 class NotModified(Exception):
@@ -96,6 +97,7 @@ class Backend:
         self._list_key: tuple = ()
         self._list_cache: dict[tuple, bytes] = {}
         self.zygote = ZygoteClient(state_dir)     # forks every shim and VMM (see pykvm.engine.zygote)
+        self.attached: dict[str, int] = {}       # VM id -> console sessions open (at most MAX_ATTACH)
 
     # -- start-up and shut-down -----------------------------------------------------------------
     async def adopt(self) -> None:
@@ -662,6 +664,25 @@ class Backend:
         if vm.state not in ("running", "paused"):
             raise Conflict(f"VM {vm.name} is not running: start it first")
         return self.vmdir(vm.id) / "console.sock"
+
+    @contextlib.contextmanager
+    def attach_slot(self, vm: Vm):
+        """Hold one of the VM's MAX_ATTACH console sessions for the ``with`` block; Conflict (409) when all
+        are taken. A session whose client vanished while the guest was not reading its input cannot
+        notice (nothing is read from a client whose input cannot be delivered), so it lasts until the
+        guest reads or the VM ends: the cap keeps such sessions from running the daemon out of
+        descriptors."""
+        if self.attached.get(vm.id, 0) >= MAX_ATTACH:
+            raise Conflict(f"VM {vm.name} already has {MAX_ATTACH} console sessions attached: detach one first")
+        self.attached[vm.id] = self.attached.get(vm.id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self.attached[vm.id] - 1
+            if left:
+                self.attached[vm.id] = left
+            else:
+                del self.attached[vm.id]
 
     # -- statistics -----------------------------------------------------------------------------
     async def stats(self, vm: Vm) -> dict:

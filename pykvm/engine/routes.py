@@ -23,11 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..memory import MAX_RAM, MIN_RAM, MiB
 from .access import Caller, Forbidden
 from .backend import EVENT_FILTER_KEYS, FILTER_KEYS, Backend, NotModified, parse_filters
 from .store import BadRequest, Conflict, NotFound, Vm, check_name
 
 API_VERSION = "1.0"
+# What `pykvm run -c` takes (pykvm.machine.MAX_CPUS, not imported: the daemon does not load the VMM; a unit
+# test keeps the two equal). A create the VMM would refuse is refused here, not accepted and left to exit 2.
+MAX_CPUS = 64
 
 
 class Drive(BaseModel):
@@ -56,8 +60,8 @@ class CreateRequest(BaseModel):
     Kernel: str | None = Field(default=None, max_length=4096, description="a kernel image on the host")
     Initrd: str | None = Field(default=None, max_length=4096)
     Cmdline: str = Field(default="", max_length=4096)
-    MemoryMiB: int = Field(default=64, ge=1, le=1 << 20)
-    Vcpus: int = Field(default=1, ge=1, le=255)
+    MemoryMiB: int = Field(default=64, ge=MIN_RAM // MiB, le=MAX_RAM // MiB)
+    Vcpus: int = Field(default=1, ge=1, le=MAX_CPUS)
     Drives: list[Drive] = Field(default_factory=list, max_length=16)
     Rng: bool = False
     Console: Literal["uart", "virtio"] = "uart"
@@ -83,10 +87,11 @@ class ConsoleStream(Response):
 
     media_type = "application/vnd.docker.raw-stream"
 
-    def __init__(self, backend, vm, reader, writer, replay: bool) -> None:
+    def __init__(self, backend, vm, reader, writer, replay: bool, slot: contextlib.ExitStack) -> None:
         super().__init__(status_code=200, media_type=self.media_type)
         self.raw_headers = [(b"content-type", self.media_type.encode())]   # no length: chunked, open-ended
         self.backend, self.vm, self.reader, self.writer, self.replay = backend, vm, reader, writer, replay
+        self.slot = slot     # the VM's console session this stream holds (Backend.attach_slot), freed at the end
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -107,17 +112,20 @@ class ConsoleStream(Response):
             while data := await self.reader.read(65536):
                 await send({"type": "http.response.body", "body": data, "more_body": True})
 
+        # pump_in ends only when the client has gone (after the body's last chunk, receive() waits for the
+        # disconnect), and pump_out when the VM's console closes: either ends the session. Output is never
+        # awaited past a disconnect: send() then drops it silently, so the session, its console connection
+        # and the shim's end of it would last as long as the VM.
         tasks = [asyncio.ensure_future(pump_out()), asyncio.ensure_future(pump_in())]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if tasks[1] in done and not tasks[0].done():     # the input ended: keep showing output
-                await tasks[0]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except OSError:
             pass
         finally:
             for task in tasks:
                 task.cancel()
             self.writer.close()
+            self.slot.close()
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -133,6 +141,14 @@ def make_app(backend: Backend) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";")[0].strip().lower()
+        if ctype and media != "application/json" and not media.endswith("+json") and any(
+                e.get("loc", ())[:1] == ("body",) for e in exc.errors()):
+            # FastAPI reads a body as JSON only when it says it is: curl -d sends a form's type, and the JSON
+            # then fails as "not a valid dictionary", which does not say why (Docker: moby's CheckForJSON)
+            return err(400, f"unsupported Content-Type {ctype!r}: the body must be JSON, sent with Content-Type: "
+                            "application/json (curl: -H 'Content-Type: application/json')")
         parts = []
         for e in exc.errors():
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
@@ -322,24 +338,32 @@ def make_app(backend: Backend) -> FastAPI:
         the guest's input, the streamed response its output, both at once (``curl -T - ...``)."""
         vm = vm_for(request, ref)
         path = backend.console_socket(vm)
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(path))
-        except OSError:
-            raise Conflict(f"VM {vm.name}'s console is not there (has it just ended?)") from None
-        return ConsoleStream(backend, vm, reader, writer, logs)
+        with contextlib.ExitStack() as slot:
+            slot.enter_context(backend.attach_slot(vm))
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+            except OSError:
+                raise Conflict(f"VM {vm.name}'s console is not there (has it just ended?)") from None
+            return ConsoleStream(backend, vm, reader, writer, logs, slot.pop_all())
 
     @app.websocket("/vms/{ref}/attach/ws")
     async def attach(websocket: WebSocket, ref: str, logs: bool = False):
         """The VM's console, both ways, over one connection (Docker's ``/attach/ws``): binary messages
         from the client are the guest's input; the guest's output comes back as binary messages."""
+        slot = contextlib.ExitStack()
         try:
             vm = vm_for(websocket, ref)
             path = backend.console_socket(vm)
+            slot.enter_context(backend.attach_slot(vm))
         except (NotFound, Conflict, Forbidden) as e:
             code = 4404 if isinstance(e, NotFound) else 4403 if isinstance(e, Forbidden) else 4409
             await websocket.accept()            # so the client sees why, in the close frame
             await websocket.close(code=code, reason=str(e)[:120])
             return
+        with slot:
+            await _console_ws(websocket, vm, path, logs)
+
+    async def _console_ws(websocket: WebSocket, vm, path, logs: bool) -> None:
         try:
             reader, writer = await asyncio.open_unix_connection(str(path))
         except OSError:

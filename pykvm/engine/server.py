@@ -112,6 +112,42 @@ class Limits:
                 await _error(send, 408, f"the request body stalled for {BODY_TIMEOUT:.0f} s")
 
 
+class Shutdown:
+    """ASGI middleware for the requests still running when the daemon stops (``wait``, ``logs -f``, ``events``,
+    ``stats``, attach): uvicorn cancels them after its graceful timeout. One that has not answered yet gets
+    503 ``{"message"}``; a stream already under way is cut (left incomplete, so the client knows it did not
+    end), a WebSocket closed with 1001 (going away). Without this the cancellation escaped the application: a
+    traceback in the daemon's log and a bare 500 "Internal Server Error" for the client."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.stopping = lambda: False       # serve() points it at the uvicorn server's should_exit
+
+    MESSAGE = "the pykvm daemon is shutting down (its VMs keep running): ask again once it is back"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if not self.stopping():
+                raise
+            with contextlib.suppress(Exception):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1001, "reason": self.MESSAGE[:120]})
+                elif not started:
+                    await _error(send, 503, self.MESSAGE)
+
+
 TRUE, FALSE = {"1", "true", "on", "yes", "t", "y"}, {"0", "false", "off", "no", "f", "n"}
 
 
@@ -241,10 +277,12 @@ async def serve(socket_path: Path, state_dir: Path, memory_budget: int | None, j
     try:
         await backend.adopt()
         sock = bind_socket(socket_path)
-        config = uvicorn.Config(FastPaths(Limits(make_app(backend)), backend, API_VERSION), http=PeerCredProtocol,
+        guard = Shutdown(Limits(make_app(backend)))
+        config = uvicorn.Config(FastPaths(guard, backend, API_VERSION), http=PeerCredProtocol,
                                 ws="websockets-sansio", log_level="warning", access_log=False, timeout_keep_alive=5,
                                 timeout_graceful_shutdown=2, h11_max_incomplete_event_size=16384, lifespan="off")
         server = _Server(config)
+        guard.stopping = lambda: server.should_exit
         log.info("pykvm daemon on %s, state in %s, memory budget %d MiB", socket_path, state_dir,
                  (backend.memory_budget or 0) >> 20)
         await server.serve(sockets=[sock])

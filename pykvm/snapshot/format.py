@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 
 from ..errors import UsageError
@@ -93,7 +94,12 @@ def write_state(path: str, state: dict) -> int:
 def read_state(path: str) -> dict:
     """Read and check a state file; returns its body. Raises SnapshotError naming what is wrong."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not wait here for a writer
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SnapshotError(f"{path} is not a regular file (a directory, device or pipe): a snapshot state file "
+                                "is one")
+        with os.fdopen(fd, "rb") as f:
             header = f.read(HEADER.size)
             if len(header) < HEADER.size:
                 raise SnapshotError(f"{path} is not a pykvm snapshot state file: it is truncated "

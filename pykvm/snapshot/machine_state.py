@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import time
 
 from ..errors import UsageError
@@ -268,8 +269,11 @@ def write_memory(machine, mem_path: str, diff: bool) -> int:
         # Its unwritten pages are still read from that file (MAP_PRIVATE): truncating it would change the guest.
         raise SnapshotError(f"{mem_path} is the memory file this VM was restored from and still reads; "
                             "write the new snapshot's memory to another file")
-    fd = os.open(mem_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # O_NONBLOCK: a FIFO there is refused (ENXIO, or not a regular file below) instead of waiting for a reader
+    fd = os.open(mem_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotError(f"{mem_path} is not a regular file: the snapshot's memory file must be one")
         os.ftruncate(fd, total)
         if diff:
             for region, offset, pages in dirty_pages(machine.memory, machine.vm):
@@ -414,10 +418,13 @@ def restore(machine, state: dict, mem_path: str, track_dirty_pages: bool = False
                             f"{chip[config['irqchip']]}; machine {machine.memory.size} bytes, "
                             f"{len(machine.vcpus)} vCPUs, {chip[bool(machine.irqchip)]}")
     try:
-        fd = os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # a FIFO: no wait for a writer
     except OSError as e:
         raise SnapshotError(f"cannot open the snapshot memory file {mem_path}: {e.strerror}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotError(f"the snapshot memory file {mem_path} is not a regular file (a directory, device "
+                                "or pipe)")
         size = os.fstat(fd).st_size
         if size != ram_size(machine):
             raise SnapshotError(f"the snapshot memory file {mem_path} is {size} bytes, but the snapshot's guest has "
