@@ -412,10 +412,19 @@ def test_parse_net(text, spec):
 
 
 @pytest.mark.parametrize("text", ["", "tap0", "tap=", "mac=02:00:00:00:00:01", "tap=t,mac=01:00:00:00:00:01",
-                                  "tap=t,mac=02:00:00:00:00", "tap=t,mac=zz:00:00:00:00:01", "tap=t,speed=10"])
+                                  "tap=t,mac=02:00:00:00:00", "tap=t,mac=zz:00:00:00:00:01", "tap=t,speed=10",
+                                  "tap=t,mac= 2:00:00:00:00:01", "tap=t,mac=+2:00:00:00:00:01",
+                                  "tap=t,mac=\u0660\u0662:00:00:00:00:01", "tap=t,mac=00:00:00:00:00:00"])
 def test_parse_net_refuses(text):
     with pytest.raises(UsageError):
         parse_net(text)
+
+
+def test_parse_mac_refuses_the_all_zero_address():
+    """Linux's virtio_net takes the MAC from the config space as it is, and then cannot bring the card up
+    (is_valid_ether_addr: not multicast, not all zeros): refused before the VM starts."""
+    with pytest.raises(UsageError, match="all zeros"):
+        parse_mac("00:00:00:00:00:00")
 
 
 def test_parse_mac_refuses_multicast():
