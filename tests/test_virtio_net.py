@@ -3,6 +3,7 @@ place of the TAP (one datagram = one header + frame, as a TAP opened with IFF_VN
 
 from __future__ import annotations
 
+import errno
 import random
 import select
 import socket
@@ -352,6 +353,50 @@ def wait_used(rings: Rings, timeout: float = 5.0) -> list:
             return used
         time.sleep(0.01)
     return []
+
+
+def deleted_tap(tap: FakeTap) -> list:
+    """Make ``tap`` behave as a TAP whose interface was deleted under the VM (``ip link del``): always
+    ready to poll, every read fails with EBADFD. Returns the list that each read attempt appends to."""
+    calls = []
+
+    def recv_into(buffer) -> int:
+        calls.append(1)
+        raise OSError(errno.EBADFD, "File descriptor in bad state")
+    tap.recv_into = recv_into
+    tap.host.send(b"x" * 64)          # never read: the fd stays readable, as a deleted TAP's polls POLLERR
+    return calls
+
+
+def test_tap_that_fails_a_read_takes_the_link_down(net, mem):
+    """A failed TAP read is counted, the link goes down in the config space and the driver gets a
+    configuration-change interrupt (5.1.4); the card does not read that TAP again."""
+    device, transport, tap = net
+    rx, _ = up(transport, mem)
+    rx.chain([], [2000])
+    calls = deleted_tap(tap)
+    transport.process_queue(RECEIVEQ)
+    assert (device.rx_fails, len(calls)) == (1, 1)
+    assert transport.read(0x106, 2) & VIRTIO_NET_S_LINK_UP == 0
+    assert r(transport, mmio.INTERRUPT_STATUS) & mmio.INT_CONFIG
+    assert not r(transport, mmio.STATUS) & mmio.DEVICE_NEEDS_RESET
+
+
+def test_receive_thread_stops_reading_a_deleted_tap(net, mem):
+    """A deleted TAP reports an error to every poll: the receive thread must not spin on it (it did,
+    keeping a host CPU busy until the VM ended)."""
+    device, transport, tap = net
+    rx, _ = up(transport, mem)
+    rx.chain([], [2000])
+    calls = deleted_tap(tap)
+    device.start()
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)                   # a spinning thread reads thousands of times in this while
+    assert len(calls) == 1 and device.rx_fails == 1
+    device.stop()
+    assert device._thread is None
 
 
 def test_close_with_the_transport_lock_held_does_not_hang(net, mem):
