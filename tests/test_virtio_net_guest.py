@@ -157,3 +157,24 @@ def test_tap_another_process_holds_is_one_clear_error_with_status_2():
         assert r.returncode == 2, err
         assert "TAP tap0 is busy" in err and "Traceback" not in err
         assert len(err.strip().splitlines()) <= 3        # one paragraph
+
+
+MAY_NOT = """
+from pykvm.devices.tap import Tap, TapError
+try:
+    Tap.open("tap0")
+except TapError as e:
+    print(e.exit_status, e)
+"""
+
+
+@pytest.mark.skipif(not __import__("shutil").which("setpriv"), reason="needs setpriv (util-linux)")
+def test_tap_the_user_may_not_open_is_one_clear_error():
+    """An unprivileged user (nobody) attaching to root's TAP: TapError, status 2, saying what to check."""
+    with netns.Netns() as ns:
+        ns.add_tap("tap0")
+        r = ns.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", MAY_NOT],
+                   cwd=ROOT, timeout=60)
+        out = r.stdout.decode()
+        assert r.returncode == 0, r.stderr.decode()
+        assert out.startswith("2 ") and "tap0" in out and ("may not open" in out or "may this user open" in out), out
