@@ -508,7 +508,8 @@ def test_cards_come_after_the_other_devices_and_are_announced_to_linux():
 @needs_kvm
 @pytest.mark.parametrize("value, message", [("tap0", "unknown or empty option 'tap0'"),
                                             ("mac=02:00:00:00:00:01", "no TAP named"),
-                                            ("tap=t,mac=1:2", "not a MAC address")])
+                                            ("tap=t,mac=1:2", "not a MAC address"),
+                                            ("bridge", "for `pykvm run -d`")])
 def test_malformed_net_option_is_one_clear_error(value, message):
     r = run_pykvm("run", "hello-long64", "--net", value, timeout=60)
     err = r.stderr.decode()

@@ -127,6 +127,9 @@ _MAC_OCTET = re.compile(r"[0-9A-Fa-f]{1,2}")
 
 def parse_net(text: str) -> NetSpec:
     """``tap=NAME`` or ``tap=NAME,mac=MAC`` -> NetSpec. Raises UsageError."""
+    if text == "bridge":
+        raise UsageError("--net bridge puts a VM on the daemon's bridge, so it is for `pykvm run -d` and "
+                         "`pykvm create --net`; a VM of its own takes --net tap=NAME[,mac=MAC]")
     tap = mac = None
     for option in text.split(","):
         key, eq, value = option.partition("=")
