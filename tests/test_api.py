@@ -201,6 +201,9 @@ def test_network_interfaces_are_validated_and_listed(vmm, tmp_path):
     assert "differs" in fault(c.put(url, json={"iface_id": "eth1", "host_dev_name": "tap0"}))
     assert "multicast" in fault(c.put(url, json={"iface_id": "eth0", "host_dev_name": "tap0",
                                                  "guest_mac": "01:00:00:00:00:01"}))
+    assert "all zeros" in fault(c.put(url, json={"iface_id": "eth0", "host_dev_name": "tap0",
+                                                 "guest_mac": "00:00:00:00:00:00"}))
+    assert "not a network interface name" in fault(c.put(url, json={"iface_id": "eth0", "host_dev_name": "a/b"}))
     assert "rx_rate_limiter" in fault(c.put(url, json={"iface_id": "eth0", "host_dev_name": "tap0",
                                                        "rx_rate_limiter": {}}))
     good = {"iface_id": "eth0", "host_dev_name": "pykvmnosuch0", "guest_mac": "02:00:00:00:00:05"}

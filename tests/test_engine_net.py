@@ -119,3 +119,22 @@ def test_two_vms_on_the_bridge_reach_each_other_and_the_host():
             assert _inspect(d, "netc")["NetworkSettings"]["IPAddress"] == "192.0.2.2"
         finally:
             d.close()
+
+
+def test_create_refused_for_a_name_in_use_frees_its_tap_and_address():
+    """A create with --net whose name is taken is refused after the TAP and address were made: both are
+    freed (they were left on the bridge, and the address taken until the daemon restarted). No boot."""
+    with netns.Netns() as ns:
+        d = Daemon(prefix=("nsenter", f"--net=/run/netns/{ns.name}"))
+        d.start()
+        try:
+            assert d.pykvm("create", "--name", "dup", "--net", "hello-long64").returncode == 0
+            taps = [line for line in _links(ns).splitlines() if ": pk" in line]
+            r = d.pykvm("create", "--name", "dup", "--net", "hello-long64")
+            assert r.returncode != 0 and b"already in use" in r.stderr, r.stderr
+            assert [line for line in _links(ns).splitlines() if ": pk" in line] == taps
+            assert d.pykvm("create", "--name", "next", "--net", "hello-long64").returncode == 0
+            assert _inspect(d, "next")["NetworkSettings"]["IPAddress"] == "192.0.2.3"
+            assert len(list((d.state / "vms").iterdir())) == 2         # no directory left by the refused one
+        finally:
+            d.close()

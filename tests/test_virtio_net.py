@@ -3,6 +3,7 @@ place of the TAP (one datagram = one header + frame, as a TAP opened with IFF_VN
 
 from __future__ import annotations
 
+import errno
 import random
 import select
 import socket
@@ -354,6 +355,50 @@ def wait_used(rings: Rings, timeout: float = 5.0) -> list:
     return []
 
 
+def deleted_tap(tap: FakeTap) -> list:
+    """Make ``tap`` behave as a TAP whose interface was deleted under the VM (``ip link del``): always
+    ready to poll, every read fails with EBADFD. Returns the list that each read attempt appends to."""
+    calls = []
+
+    def recv_into(buffer) -> int:
+        calls.append(1)
+        raise OSError(errno.EBADFD, "File descriptor in bad state")
+    tap.recv_into = recv_into
+    tap.host.send(b"x" * 64)          # never read: the fd stays readable, as a deleted TAP's polls POLLERR
+    return calls
+
+
+def test_tap_that_fails_a_read_takes_the_link_down(net, mem):
+    """A failed TAP read is counted, the link goes down in the config space and the driver gets a
+    configuration-change interrupt (5.1.4); the card does not read that TAP again."""
+    device, transport, tap = net
+    rx, _ = up(transport, mem)
+    rx.chain([], [2000])
+    calls = deleted_tap(tap)
+    transport.process_queue(RECEIVEQ)
+    assert (device.rx_fails, len(calls)) == (1, 1)
+    assert transport.read(0x106, 2) & VIRTIO_NET_S_LINK_UP == 0
+    assert r(transport, mmio.INTERRUPT_STATUS) & mmio.INT_CONFIG
+    assert not r(transport, mmio.STATUS) & mmio.DEVICE_NEEDS_RESET
+
+
+def test_receive_thread_stops_reading_a_deleted_tap(net, mem):
+    """A deleted TAP reports an error to every poll: the receive thread must not spin on it (it did,
+    keeping a host CPU busy until the VM ended)."""
+    device, transport, tap = net
+    rx, _ = up(transport, mem)
+    rx.chain([], [2000])
+    calls = deleted_tap(tap)
+    device.start()
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)                   # a spinning thread reads thousands of times in this while
+    assert len(calls) == 1 and device.rx_fails == 1
+    device.stop()
+    assert device._thread is None
+
+
 def test_close_with_the_transport_lock_held_does_not_hang(net, mem):
     device, transport, tap = net
     up(transport, mem)
@@ -412,10 +457,19 @@ def test_parse_net(text, spec):
 
 
 @pytest.mark.parametrize("text", ["", "tap0", "tap=", "mac=02:00:00:00:00:01", "tap=t,mac=01:00:00:00:00:01",
-                                  "tap=t,mac=02:00:00:00:00", "tap=t,mac=zz:00:00:00:00:01", "tap=t,speed=10"])
+                                  "tap=t,mac=02:00:00:00:00", "tap=t,mac=zz:00:00:00:00:01", "tap=t,speed=10",
+                                  "tap=t,mac= 2:00:00:00:00:01", "tap=t,mac=+2:00:00:00:00:01",
+                                  "tap=t,mac=\u0660\u0662:00:00:00:00:01", "tap=t,mac=00:00:00:00:00:00"])
 def test_parse_net_refuses(text):
     with pytest.raises(UsageError):
         parse_net(text)
+
+
+def test_parse_mac_refuses_the_all_zero_address():
+    """Linux's virtio_net takes the MAC from the config space as it is, and then cannot bring the card up
+    (is_valid_ether_addr: not multicast, not all zeros): refused before the VM starts."""
+    with pytest.raises(UsageError, match="all zeros"):
+        parse_mac("00:00:00:00:00:00")
 
 
 def test_parse_mac_refuses_multicast():
@@ -454,7 +508,8 @@ def test_cards_come_after_the_other_devices_and_are_announced_to_linux():
 @needs_kvm
 @pytest.mark.parametrize("value, message", [("tap0", "unknown or empty option 'tap0'"),
                                             ("mac=02:00:00:00:00:01", "no TAP named"),
-                                            ("tap=t,mac=1:2", "not a MAC address")])
+                                            ("tap=t,mac=1:2", "not a MAC address"),
+                                            ("bridge", "for `pykvm run -d`")])
 def test_malformed_net_option_is_one_clear_error(value, message):
     r = run_pykvm("run", "hello-long64", "--net", value, timeout=60)
     err = r.stderr.decode()

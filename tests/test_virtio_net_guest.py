@@ -128,3 +128,53 @@ def test_tap_held_by_another_process_is_busy():
         r = ns.run([sys.executable, "-c", BUSY], cwd=ROOT, timeout=60)
         assert r.returncode == 0, r.stderr.decode()
         assert r.stdout.decode().startswith("2 TAP tap0 is busy"), r.stdout
+
+
+HOLD = """
+import sys
+from pykvm.devices.tap import Tap
+tap = Tap.open("tap0")
+print("holding", flush=True)
+sys.stdin.read()                  # until the test closes our stdin
+tap.close()
+"""
+
+
+def test_tap_another_process_holds_is_one_clear_error_with_status_2():
+    """`pykvm run --net tap=tap0` while another process has tap0 open: one paragraph, status 2."""
+    with netns.Netns() as ns:
+        ns.add_tap("tap0")
+        holder = ns.popen([sys.executable, "-c", HOLD], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert holder.stdout.readline() == b"holding\n"
+            r = ns.run([sys.executable, "-m", "pykvm", "run", "-k", str(GUEST), "--net", "tap=tap0"],
+                       cwd=ROOT, timeout=60)
+        finally:
+            holder.stdin.close()
+            holder.wait(30)
+            holder.stdout.close()
+        err = r.stderr.decode()
+        assert r.returncode == 2, err
+        assert "TAP tap0 is busy" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) <= 3        # one paragraph
+
+
+MAY_NOT = """
+from pykvm.devices.tap import Tap, TapError
+try:
+    Tap.open("tap0")
+except TapError as e:
+    print(e.exit_status, e)
+"""
+
+
+@pytest.mark.skipif(not __import__("shutil").which("setpriv"), reason="needs setpriv (util-linux)")
+def test_tap_the_user_may_not_open_is_one_clear_error():
+    """An unprivileged user (nobody) attaching to root's TAP: TapError, status 2, saying what to check."""
+    with netns.Netns() as ns:
+        ns.add_tap("tap0")
+        r = ns.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", MAY_NOT],
+                   cwd=ROOT, timeout=60)
+        out = r.stdout.decode()
+        assert r.returncode == 0, r.stderr.decode()
+        assert out.startswith("2 ") and "tap0" in out and ("may not open" in out or "may this user open" in out), out

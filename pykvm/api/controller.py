@@ -344,9 +344,11 @@ class Vmm:
         if any(n.host_dev_name == iface.host_dev_name for k, n in self.network_interfaces.items()
                if k != iface.iface_id):
             raise ApiError(f"the TAP {iface.host_dev_name} is already the host end of another interface")
+        from ..devices.tap import check_name
         from ..devices.virtio import parse_mac
+        check_name(iface.host_dev_name)   # a name no interface can have is refused here, not at InstanceStart
         if iface.guest_mac is not None:
-            parse_mac(iface.guest_mac)    # a multicast MAC is refused here, not at InstanceStart
+            parse_mac(iface.guest_mac)    # so is a multicast or all-zero MAC
         self.network_interfaces[iface.iface_id] = iface
 
     def _put_entropy(self, action: PutEntropy) -> None:

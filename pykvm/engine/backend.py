@@ -187,13 +187,14 @@ class Backend:
                 owner_gid=caller.gid, owner_groups=list(caller.groups))
         vmdir = self.vmdir(vm.id)
         vmdir.mkdir(mode=0o700)
-        if spec.get("Network"):
-            try:
+        try:
+            if spec.get("Network"):
                 self._attach_network(vm.id, vmdir)
-            except BaseException:
-                shutil.rmtree(vmdir, ignore_errors=True)
-                raise
-        self.store.insert(vm)
+            self.store.insert(vm)       # refuses a name in use: the TAP and address just taken are freed below
+        except BaseException:
+            self.bridge.detach(vmdir)
+            shutil.rmtree(vmdir, ignore_errors=True)
+            raise
         self.event("create", vm)
         return vm
 

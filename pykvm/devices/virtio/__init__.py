@@ -44,6 +44,7 @@ The device threads stop and the image files close when the machine closes (Machi
 from __future__ import annotations
 
 import os
+import re
 import select
 import struct
 import sys
@@ -104,23 +105,31 @@ class NetSpec:
 
 
 def parse_mac(text: str) -> bytes:
-    """``52:54:00:12:34:56`` (or with ``-``) -> 6 bytes. Raises UsageError for anything else, and
-    for a multicast address (bit 0 of the first octet), which no card may own."""
+    """``52:54:00:12:34:56`` (or with ``-``) -> 6 bytes. Raises UsageError for anything else: six
+    groups of one or two ASCII hex digits, nothing more (no signs, blanks or other digits, which
+    ``int`` would take). Also refused, as Linux's ``is_valid_ether_addr`` refuses them (a driver
+    then cannot bring the card up): a multicast address (bit 0 of the first octet) and the
+    all-zero one."""
     parts = text.replace("-", ":").split(":")
-    try:
-        if len(parts) != 6 or not all(1 <= len(p) <= 2 for p in parts):
-            raise ValueError
-        mac = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise UsageError(f"{text!r} is not a MAC address (six hex octets, e.g. 02:00:00:00:00:01)") from None
+    if len(parts) != 6 or not all(_MAC_OCTET.fullmatch(p) for p in parts):
+        raise UsageError(f"{text!r} is not a MAC address (six hex octets, e.g. 02:00:00:00:00:01)")
+    mac = bytes(int(p, 16) for p in parts)
     if mac[0] & 1:
         raise UsageError(f"MAC address {text} is a multicast address; a card needs a unicast one "
                          "(even first octet)")
+    if not any(mac):
+        raise UsageError(f"MAC address {text} is all zeros, which no card may have (e.g. 02:00:00:00:00:01)")
     return mac
+
+
+_MAC_OCTET = re.compile(r"[0-9A-Fa-f]{1,2}")
 
 
 def parse_net(text: str) -> NetSpec:
     """``tap=NAME`` or ``tap=NAME,mac=MAC`` -> NetSpec. Raises UsageError."""
+    if text == "bridge":
+        raise UsageError("--net bridge puts a VM on the daemon's bridge, so it is for `pykvm run -d` and "
+                         "`pykvm create --net`; a VM of its own takes --net tap=NAME[,mac=MAC]")
     tap = mac = None
     for option in text.split(","):
         key, eq, value = option.partition("=")

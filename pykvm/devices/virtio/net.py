@@ -12,8 +12,8 @@ The host side is injected (:class:`pykvm.devices.tap.Tap`, or anything with its 
 speaks the same header (IFF_VNET_HDR with TUNSETVNETHDRSZ 12), so headers pass through unchanged:
 that is what lets the offloads below work without pykvm touching a checksum.
 
-Features offered: MAC (the address is in the configuration space), STATUS (link state: always
-up), and the offloads CSUM and HOST_TSO4 (the guest may send partially checksummed frames and
+Features offered: MAC (the address is in the configuration space), STATUS (link state: up until
+the TAP fails, below), and the offloads CSUM and HOST_TSO4 (the guest may send partially checksummed frames and
 64 KiB TCP segments: the host kernel finishes them), GUEST_CSUM and GUEST_TSO4 (the guest accepts
 them: :meth:`Net.activate` passes what was negotiated to the TAP with TUNSETOFFLOAD, and the host
 kernel segments and checksums whatever the guest did not accept), and MRG_RXBUF (a received frame
@@ -37,6 +37,12 @@ kept for it; the driver's next notification of receiveq1 resumes delivery. A fra
 buffer the driver can offer (without MRG_RXBUF: than the chain at hand; with it: than a whole
 queue of chains) is dropped and counted in ``rx_dropped``, and nothing is written past the
 buffers. A chain with no room even for the header is returned unused (``rx_bad_buffers``).
+
+A TAP that fails a read with anything but "nothing waiting" (EBADFD once the interface is deleted
+under the VM, ``ip link del``) is counted in ``rx_fails`` and not read again: the link goes down
+(STATUS without VIRTIO_NET_S_LINK_UP, and a configuration-change interrupt, 5.1.4) and the receive
+thread stops polling the TAP, which would otherwise report the error to every poll and keep a host
+CPU spinning. Transmit goes on failing into ``tx_fails``.
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ class Net(VirtioDevice):
         self._pending = 0            # length of a frame read from the TAP and not yet delivered
         self._held: list[Chain] = []  # receive chains taken from the ring for the pending frame
         self.rx_stalled = False      # a frame waits for receive buffers
+        self.tap_failed = False      # a read of the TAP failed: not read again, link down
         self.rx_packets = self.rx_bytes = self.rx_dropped = self.rx_bad_buffers = self.rx_fails = 0
         self.tx_packets = self.tx_bytes = self.tx_malformed = self.tx_fails = 0
         self._thread: threading.Thread | None = None
@@ -220,6 +227,7 @@ class Net(VirtioDevice):
                     return True
                 except OSError:
                     self.rx_fails += 1
+                    self._link_down()
                     return True
                 if n <= HDR_SIZE or n >= len(self._buf):
                     self.rx_dropped += 1 if n > HDR_SIZE else 0
@@ -228,6 +236,14 @@ class Net(VirtioDevice):
             if not self._deliver(queue, mergeable):
                 return False
             self._pending = 0
+
+    def _link_down(self) -> None:
+        """The TAP failed a read: stop reading it and tell the driver the link is down (5.1.4)."""
+        if self.tap_failed:
+            return
+        self.tap_failed = True
+        self._config = self.mac + struct.pack("<HH", 0, 1)
+        self.transport.config_changed()
 
     def _next_chain(self, queue: SplitQueue, taken: int) -> Chain | None:
         """The ``taken``-th receive chain for the pending frame (held ones first), or None."""
@@ -291,7 +307,8 @@ class Net(VirtioDevice):
 
     def _can_receive(self) -> bool:
         t = self.transport
-        return t.running and t.queues[RECEIVEQ].queue is not None and not self.rx_stalled
+        return (t.running and t.queues[RECEIVEQ].queue is not None and not self.rx_stalled
+                and not self.tap_failed)
 
     def pause(self, timeout: float | None = PARK_TIMEOUT) -> bool:
         """Quiesce (:mod:`pykvm.devices.quiesce`): the receive thread parks without reading the TAP, so
