@@ -9,6 +9,10 @@ needs that the command line does not give:
   those descriptors are kept across the jail's closing of inherited descriptors (``keep_fds``),
   so the jailed VMM opens exactly what the caller was allowed to open, never a path again; they
   are therefore not bind-mounted into its root (it needs no name for them);
+- this process is the jail's supervisor (``spawn(inline=True)``): it creates the cgroup and the root,
+  forks the VMM into its PID namespace, waits for it and cleans up. SIGTERM and the like to it kill
+  the VMM and it then ends by the same signal; the daemon sends SIGKILL to the jailed VMM itself
+  (``jail.json``'s pid), so the cleanup still runs;
 - before entering the jail, the jailed process writes ``VMDIR/jail.json`` (its host pid, uid,
   gid, jail id and root directory) for ``pykvm inspect``, the daemon's snapshots (the files the VMM
   writes to its /run are ``Root/run/...`` on the host) and the tests.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         # jail, so its root needs no name for them (and a bind mount from /proc/self/fd/N, whose mount is
         # in the host's namespace, is refused by mount(2) in the jail's new one: EINVAL).
         config.files = [f for f in config.files if not f.path.startswith("/proc/self/fd/")]
-        result = spawn(config, target, keep_fds=keep)
+        # This process supervises the jail itself (no supervisor process of its own): one process fewer per VM
+        result = spawn(config, target, keep_fds=keep, inline=True)
     except PykvmError as e:
         cli._say(str(e))
         return e.exit_status
@@ -89,8 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if result.status is not None:
         return result.status
+    if result.stopped_by is not None:
+        _end_by(result.stopped_by)          # the shim records the signal it was stopped by, as before
+    if result.signal == signal.SIGKILL and not result.oom_killed:
+        _end_by(signal.SIGKILL)             # killed (the daemon's kill goes to the jailed VMM): 137
     cli._say(result.describe())
     return cli.STATUS_CRASH
+
+
+def _end_by(signum: int) -> None:
+    """End this process by ``signum`` (the jail is already cleaned up), so its parent sees how the VMM ended."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if signum != signal.SIGKILL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":
