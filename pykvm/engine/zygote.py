@@ -87,6 +87,9 @@ PRELOAD = (
     # what a jailed VMM loads before it enters the jail (its filter library, the disassembler)
     "pyseccomp", "capstone", "ctypes.util", "encodings.idna", "stringprep", "unicodedata",
     "importlib.resources.readers",
+    # what the jail's preload imports in the VMM right before it enters (crash reports, the API's snapshots)
+    "encodings.latin_1", "pykvm.debug.disasm", "pykvm.debug.report", "pykvm.snapshot.format",
+    "pykvm.snapshot.machine_state",
 )
 
 VMM_ENTRIES = {"pykvm": ("run", "vmm"), "pykvm.engine.jailrun": None}
@@ -98,6 +101,9 @@ class ZygoteError(Exception):
 
 # --- the zygote process --------------------------------------------------------------------------
 def _preload() -> None:
+    with contextlib.suppress(ImportError, AttributeError, OSError):
+        from ..jail.supervisor import lean_malloc
+        lean_malloc()       # before the imports: the zygote's own heap is shared by every VM
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
@@ -107,6 +113,9 @@ def _preload() -> None:
         from .. import cli
         parser = cli.build_parser()     # the whole parser serves every command
         cli.build_parser = lambda command=None: parser
+    with contextlib.suppress(Exception):     # no libseccomp: a jailed VMM would say so itself
+        from ..jail import seccomp
+        seccomp.prebuild()
     gc.collect()
     gc.freeze()     # what the zygote holds now is never traversed by a child's collector (no COW for it)
 
