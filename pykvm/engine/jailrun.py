@@ -49,43 +49,61 @@ def _host_pid() -> int:
     return os.getpid()
 
 
+USAGE = "usage: python -m pykvm.engine.jailrun VMDIR ID CHROOT_BASE -- run ARGS"
+
+
+def prepare(args: list[str]):
+    """``(config, target, keep_fds)`` for :func:`pykvm.jail.spawn` (or :class:`pykvm.jail.supervisor.Supervised`)
+    from jailrun's arguments (``VMDIR ID CHROOT_BASE -- run ARGS``). PykvmError for bad arguments
+    (SystemExit: argparse already said why)."""
+    from .. import cli
+    if len(args) < 5 or args[3] != "--" or args[4] != "run":
+        raise cli.UsageError(USAGE)
+    vmdir, jail_id, base = Path(args[0]), args[1], args[2]
+    run = cli.build_parser().parse_args(args[4:])
+    run.jail = True
+    run.jail_options = argparse.Namespace(id=jail_id, chroot_base=base)
+    os.makedirs(base, 0o755, exist_ok=True)
+    if run.restore is not None or run.config_file is not None:    # a snapshot to continue
+        vmm = cli._jailed_serve_target(run, cli._run_vmm_actions(run))
+    else:
+        from ..debug import inside
+        debug_options = cli._debug_options(run)
+        inside.check(debug_options)
+        # The plan (the image read and checked) is made in the jailed process, not here: what this
+        # process touches stays its own private memory for the VM's whole life (a copy-on-write
+        # page each), what the jailed process touches it needed anyway.
+        def vmm(entry) -> int:
+            return cli._in_jail(entry, lambda: cli._boot(run, cli._plan_for(run), None, inside, debug_options,
+                                                         entry.enter, entry.api_sock_staging))
+    given = (run.image, run.kernel, run.initrd, *run.drive, run.restore, run.mem_file)
+    keep = tuple(int(p.split(",")[0][len("/proc/self/fd/"):]) for p in given
+                 if p and p.split(",")[0].startswith("/proc/self/fd/"))
+
+    def target(entry) -> int:
+        record = {"Pid": _host_pid(), "Uid": entry.uid, "Gid": entry.gid, "Id": jail_id, "Root": entry.root}
+        tmp = vmdir / "jail.json.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, vmdir / "jail.json")
+        return vmm(entry)
+
+    config = cli._jail_config(run)
+    # The files come as descriptors: the VMM reads them through those, opened before it enters the
+    # jail, so its root needs no name for them (and a bind mount from /proc/self/fd/N, whose mount is
+    # in the host's namespace, is refused by mount(2) in the jail's new one: EINVAL).
+    config.files = [f for f in config.files if not f.path.startswith("/proc/self/fd/")]
+    return config, target, keep
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 5 or args[3] != "--" or args[4] != "run":
-        print("usage: python -m pykvm.engine.jailrun VMDIR ID CHROOT_BASE -- run ARGS", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
-    vmdir, jail_id, base = Path(args[0]), args[1], args[2]
     from .. import cli
     try:
-        run = cli.build_parser().parse_args(args[4:])
-        run.jail = True
-        run.jail_options = argparse.Namespace(id=jail_id, chroot_base=base)
-        os.makedirs(base, 0o755, exist_ok=True)
-        if run.restore is not None or run.config_file is not None:    # a snapshot to continue
-            vmm = cli._jailed_serve_target(run, cli._run_vmm_actions(run))
-        else:
-            from ..debug import inside
-            debug_options = cli._debug_options(run)
-            inside.check(debug_options)
-            plan = cli._plan_for(run)
-            vmm = lambda entry: cli._jailed_boot(run, plan, None, inside, debug_options, entry)  # noqa: E731
-        given = (run.kernel, run.initrd, *run.drive, run.restore, run.mem_file)
-        keep = tuple(int(p.split(",")[0][len("/proc/self/fd/"):]) for p in given
-                     if p and p.split(",")[0].startswith("/proc/self/fd/"))
-
-        def target(entry) -> int:
-            record = {"Pid": _host_pid(), "Uid": entry.uid, "Gid": entry.gid, "Id": jail_id, "Root": entry.root}
-            tmp = vmdir / "jail.json.tmp"
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, vmdir / "jail.json")
-            return vmm(entry)
-
+        config, target, keep = prepare(args)
         from ..jail import spawn
-        config = cli._jail_config(run)
-        # The files come as descriptors: the VMM reads them through those, opened before it enters the
-        # jail, so its root needs no name for them (and a bind mount from /proc/self/fd/N, whose mount is
-        # in the host's namespace, is refused by mount(2) in the jail's new one: EINVAL).
-        config.files = [f for f in config.files if not f.path.startswith("/proc/self/fd/")]
         # This process supervises the jail itself (no supervisor process of its own): one process fewer per VM
         result = spawn(config, target, keep_fds=keep, inline=True)
     except PykvmError as e:

@@ -26,6 +26,7 @@ socket talks to a jailed VMM. S removes the socket when V ends.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.machinery
 import os
@@ -456,3 +457,114 @@ def _stdio_to_null() -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+
+
+class Supervised:
+    """A jailed process supervised by the calling process while it goes on with other work: the
+    engine's shim is the jail's supervisor (no process of its own for that), as Firecracker's jailer
+    becomes its VMM. :meth:`start` does what :func:`spawn` does up to the fork -- the cgroup and the
+    root directory made, the PID namespace unshared (for this process's later children: it must fork
+    no other), the VMM forked after ``child_setup()`` ran in it (its stdio) -- and a thread publishes
+    the API socket once the VMM is in its jail; :meth:`wait` reaps the VMM, reads the kernel's
+    verdict and cleans up, and returns the JailResult (JailError if the jail failed to be entered).
+    Signals: SIGKILL to ``pid`` (the VMM's pid in the host's namespace); others reach the VMM, PID 1 of
+    its namespace, only if it handles them (as for a container's init)."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self._done: JailResult | None = None
+
+    @classmethod
+    def start(cls, config: JailConfig, target: Callable[[Entry], int], keep_fds: tuple[int, ...] = (),
+              child_setup: Callable[[], None] | None = None) -> Supervised:
+        """JailError (status 2) if the jail cannot be built; nothing is left behind then."""
+        if config.daemonize:
+            raise JailError("a supervised jail cannot daemonize")
+        hierarchy = check(config)
+        self = cls()
+        self.config = config
+        self.uid = config.uid if config.uid is not None else UID_BASE + os.getpid()
+        self.gid = config.gid if config.gid is not None else self.uid
+        self.cgroup = cgroups.Cgroup.create(hierarchy, config.id, config.memory, config.cpus, config.pids)
+        self.root = None
+        self.published: list[int | None] = [None]
+        self.publisher: threading.Thread | None = None
+        entered_w = None
+        try:
+            self.root = rootfs.RootDir.create(config, self.uid, self.gid)
+            self.report_r, report_w = os.pipe()
+            os.set_blocking(report_w, False)    # read once the VMM ended: it never blocks on it
+            entered_r, entered_w = os.pipe() if config.api_sock is not None else (None, None)
+            if entered_r is not None:
+                # started before the PID namespace: a process whose children go to another PID namespace
+                # can no longer start threads (clone(2): EINVAL)
+                def publish() -> None:
+                    try:
+                        self.published[0] = _publish_api_sock(config, entered_r)
+                    finally:
+                        os.close(entered_r)
+                self.publisher = threading.Thread(target=publish, name="jail-publish", daemon=True)
+                self.publisher.start()
+            if config.new_pid_ns:
+                namespaces.new_pid_namespace()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                code = 4
+                try:
+                    os.close(self.report_r)
+                    if child_setup is not None:
+                        child_setup()
+                    _vmm(config, self.cgroup, self.root.root, self.uid, self.gid, target, report_w, keep_fds,
+                         entered_w, early=True)
+                finally:
+                    os._exit(code)
+            self.pid = pid
+            os.close(report_w)
+            if entered_w is not None:
+                os.close(entered_w)
+                entered_w = None
+        except BaseException as e:
+            if entered_w is not None:
+                with contextlib.suppress(OSError):
+                    os.close(entered_w)     # the publisher sees EOF and ends
+            if self.publisher is not None:
+                self.publisher.join()
+            if self.root is not None:
+                self.root.remove()
+            self.cgroup.remove()
+            if isinstance(e, (JailError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise JailError(f"jail supervisor failed: {e!r}") from None
+        return self
+
+    def wait(self) -> JailResult:
+        """Reap the VMM, clean up, and say how it ended (once; later calls return the same)."""
+        if self._done is not None:
+            return self._done
+        while True:
+            try:
+                _, raw = os.waitpid(self.pid, 0)
+                break
+            except InterruptedError:
+                continue
+        try:
+            if self.publisher is not None:
+                self.publisher.join()
+            own = [f"started {self.pid} {self.uid} {self.gid}\n"]
+            with os.fdopen(self.report_r, "r", errors="replace") as f:
+                theirs = f.readlines()
+            late = [f"wait {raw}\n", f"oom {self.cgroup.oom_killed()}\n"]
+            peak = self.cgroup.usage().get("peak_memory")
+            if peak is not None:
+                late.append(f"peak {peak}\n")
+        finally:
+            if self.config.api_sock is not None:
+                _remove_socket(self.config.api_sock_staging)
+                if self.published[0] is not None:
+                    _remove_socket(self.config.api_sock, self.published[0])
+            self.root.remove()
+            self.cgroup.remove()
+        self._done = _collect_lines(own + theirs + late, None, False)
+        return self._done
