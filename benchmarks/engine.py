@@ -16,7 +16,8 @@ when run as root), then:
   guest whose first instruction writes one byte to COM1 (then it ends through debug-exit). What is
   measured: from just before the create request to the host time the shim stamped on the console
   record holding that byte (its read of the VMM's output pipe): the first instruction's moment plus
-  one port-I/O exit and one pipe hop, so an upper bound of "first KVM_RUN". Median of ``starts``. Also
+  one port-I/O exit, the VMM's output thread and one pipe hop, so an upper bound of the guest's
+  first instruction (the first instruction is that ``out``). Median of ``starts``. Also
   the create+start API calls alone (until start returns). Baseline: ``python -m pykvm run -q`` of the
   same guest, a fresh interpreter, until it exits.
 - **N Linux guests** (``--linux``, default 20; 0 skips): the project's small Linux (guests/linux,
@@ -24,10 +25,11 @@ when run as root), then:
   ``echo $((7000+K))`` through ``POST /vms/{id}/attach`` and its answer read back through the same
   connection. Per-VM host memory then, all N idle at the shell: the unique set size (USS: Private_Clean
   + Private_Dirty of /proc/PID/smaps_rollup) summed over the VM's processes (the shim and every
-  descendant: the VMM, and for a jailed VMM its jailrun parent and the jail's supervisor), and that
-  minus the private pages of guest RAM (the VMM's anonymous mapping of exactly the guest's RAM size,
-  from /proc/PID/smaps): "beyond guest RAM". Pages shared copy-on-write with the zygote are not in
-  USS; the zygote's own USS is printed once (it is paid once per host, not per VM).
+  descendant: the VMM; a jailed VMM's shim is also its jail's supervisor), and that minus the
+  private pages of guest RAM (the VMM's anonymous mapping of exactly the guest's RAM size, from
+  /proc/PID/smaps): "beyond guest RAM". Pages shared copy-on-write with the zygote are not in USS
+  (nor are pages the shim and its VMM still share with each other); the zygote's own USS is printed
+  once (it is paid once per host, not per VM).
 
     python -m benchmarks.engine [--clients 20] [--requests 2000] [--vms 20] [--starts 9] [--linux 20] [--json]
 

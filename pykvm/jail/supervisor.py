@@ -18,6 +18,9 @@ is then kept in memory and V's lines are read from the pipe once V ended. With `
 detaches (setsid, stdio on /dev/null) and P returns as soon as the VMM started; S still cleans
 up when it ends.
 
+:class:`Supervised` does S's work in a process that goes on with its own (the engine's shim,
+which also relays the VMM's console): two processes per VM instead of three.
+
 A second pipe, V to S, carries one line, "entered", once V is in its jail (its filter loaded).
 With an API socket (``config.api_sock``) S waits for it, then renames the socket V bound and
 listens on (before the jail, at ``config.api_sock_staging``) to its path: whoever finds the
