@@ -70,13 +70,9 @@ def prepare(args: list[str]):
         from ..debug import inside
         debug_options = cli._debug_options(run)
         inside.check(debug_options)
-        # The plan (the image read and checked) is made in the jailed process, not here: what this
-        # process touches stays its own private memory for the VM's whole life (a copy-on-write
-        # page each), what the jailed process touches it needed anyway.
-        def vmm(entry) -> int:
-            return cli._in_jail(entry, lambda: cli._boot(run, cli._plan_for(run), None, inside, debug_options,
-                                                         entry.enter, entry.api_sock_staging))
-    given = (run.image, run.kernel, run.initrd, *run.drive, run.restore, run.mem_file)
+        plan = cli._plan_for(run)
+        vmm = lambda entry: cli._jailed_boot(run, plan, None, inside, debug_options, entry)  # noqa: E731
+    given = (run.kernel, run.initrd, *run.drive, run.restore, run.mem_file)
     keep = tuple(int(p.split(",")[0][len("/proc/self/fd/"):]) for p in given
                  if p and p.split(",")[0].startswith("/proc/self/fd/"))
 
