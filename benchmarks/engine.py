@@ -4,17 +4,20 @@ first instruction, per-VM host memory, and N small Linux guests at once, each an
 One daemon on a temporary socket and state directory (never /run/pykvm), with its default VMMs (jailed
 when run as root), then:
 
-- **ps under load**: ``clients`` (default 20) HTTP clients in this process (one asyncio loop, one
-  httpx.AsyncClient each over the daemon's Unix socket, so the clients cost the daemon's CPU little)
-  share ``requests`` (default 2,000) calls of ``GET /vms/json?all=1`` with ``vms`` VMs recorded;
-  latency p50/p99. Baseline in the same run: the same load on ``GET /_ping``. httpx's own CPU saturates
-  that one process (the daemon needs a fifth of its CPU time), so the same loads run again with bare
-  keep-alive sockets (``raw_*``), where the latency is the daemon's.
+- **ps under load**: ``clients`` (default 20) client processes, one httpx.Client each over the
+  daemon's Unix socket (one keep-alive connection), started and warmed up before the clock runs,
+  share ``requests`` (default 2,000) calls of ``GET /vms/json?all=1`` with ``vms`` VMs recorded; each
+  request timed in its client from the call until httpx returned the whole response; p50/p99 over
+  all. Baseline in the same run: the same load on ``GET /_ping``. For comparison, the same loads
+  with the 20 clients as asyncio tasks in this one process (``oneproc_*``: httpx's CPU saturates that
+  one process, so its latencies include the client's own queueing) and with bare keep-alive sockets
+  (``raw_*``: no HTTP library, the daemon's floor).
 - **create+start to the first instruction**: ``POST /vms/create`` + ``POST /vms/{id}/start`` of a flat
   guest whose first instruction writes one byte to COM1 (then it ends through debug-exit). What is
   measured: from just before the create request to the host time the shim stamped on the console
   record holding that byte (its read of the VMM's output pipe): the first instruction's moment plus
-  one port-I/O exit and one pipe hop, so an upper bound of "first KVM_RUN". Median of ``starts``. Also
+  one port-I/O exit, the VMM's output thread and one pipe hop, so an upper bound of the guest's
+  first instruction (the first instruction is that ``out``). Median of ``starts``. Also
   the create+start API calls alone (until start returns). Baseline: ``python -m pykvm run -q`` of the
   same guest, a fresh interpreter, until it exits.
 - **N Linux guests** (``--linux``, default 20; 0 skips): the project's small Linux (guests/linux,
@@ -22,10 +25,11 @@ when run as root), then:
   ``echo $((7000+K))`` through ``POST /vms/{id}/attach`` and its answer read back through the same
   connection. Per-VM host memory then, all N idle at the shell: the unique set size (USS: Private_Clean
   + Private_Dirty of /proc/PID/smaps_rollup) summed over the VM's processes (the shim and every
-  descendant: the VMM, and for a jailed VMM its jailrun parent and the jail's supervisor), and that
-  minus the private pages of guest RAM (the VMM's anonymous mapping of exactly the guest's RAM size,
-  from /proc/PID/smaps): "beyond guest RAM". Pages shared copy-on-write with the zygote are not in
-  USS; the zygote's own USS is printed once (it is paid once per host, not per VM).
+  descendant: the VMM; a jailed VMM's shim is also its jail's supervisor), and that minus the
+  private pages of guest RAM (the VMM's anonymous mapping of exactly the guest's RAM size, from
+  /proc/PID/smaps): "beyond guest RAM". Pages shared copy-on-write with the zygote are not in USS
+  (nor are pages the shim and its VMM still share with each other); the zygote's own USS is printed
+  once (it is paid once per host, not per VM).
 
     python -m benchmarks.engine [--clients 20] [--requests 2000] [--vms 20] [--starts 9] [--linux 20] [--json]
 
@@ -108,8 +112,59 @@ async def _load_raw(socket_path: Path, path: str, clients: int, requests: int) -
 
 def load(daemon: Daemon, path: str, clients: int, requests: int, raw: bool = False) -> list[float]:
     """Seconds per request of ``requests`` GETs of ``path`` spread over ``clients`` concurrent clients
-    (httpx.AsyncClient each, or with ``raw`` the bare-socket client of :func:`_load_raw`)."""
+    in this process (httpx.AsyncClient each, or with ``raw`` the bare-socket client of :func:`_load_raw`)."""
     return asyncio.run((_load_raw if raw else _load)(daemon.socket, path, clients, requests))
+
+
+def _client_process(socket_path: str, path: str, count: int, ready, go, results) -> None:
+    """One client process: an httpx.Client on the daemon's socket (one keep-alive connection), two
+    warm-up requests, then -- once every client is ready -- ``count`` GETs of ``path`` one after the
+    other, each timed from before the call until httpx returned the whole response."""
+    import httpx
+    times = []
+    with httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://pykvm", timeout=60) as c:
+        for _ in range(2):
+            c.get(path).raise_for_status()
+        ready.release()
+        go.wait()
+        for _ in range(count):
+            t0 = time.perf_counter()
+            r = c.get(path)
+            times.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                times.append(float("nan"))
+                break
+    results.put(times)
+
+
+def load_processes(daemon: Daemon, path: str, clients: int, requests: int) -> list[float]:
+    """Seconds per request of ``requests`` GETs of ``path`` spread over ``clients`` client processes
+    (:func:`_client_process`, started and warmed up before the clock runs). Each process has its own
+    interpreter and GIL, so no client waits for another client's Python code: what a request waits
+    for is the daemon and the CPU the clients and the daemon share. ValueError if a request failed."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    per = requests // clients
+    procs = [ctx.Process(target=_client_process, args=(str(daemon.socket), path, per, ready, go, results))
+             for _ in range(clients)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            if not ready.acquire(timeout=120):
+                raise RuntimeError("a client process did not start")
+        go.set()
+        times = [t for _ in procs for t in results.get(timeout=300)]
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if any(t != t for t in times):
+        raise ValueError(f"a GET {path} failed")
+    return times
 
 
 def pct(values: list[float], p: float) -> float:
@@ -322,13 +377,18 @@ def main(argv: list[str] | None = None) -> int:
             for n in range(args.vms):
                 c.post("/vms/create", params={"name": f"bench{n}"}, json={"Image": "hello-long64"})
         load(d, "/_ping", args.clients, 200)      # warm up
-        ping = load(d, "/_ping", args.clients, args.requests)
-        ps = load(d, "/vms/json?all=1", args.clients, args.requests)
+        # The figure: 20 client processes, httpx each (see load_processes)
+        ping = load_processes(d, "/_ping", args.clients, args.requests)
+        ps = load_processes(d, "/vms/json?all=1", args.clients, args.requests)
         out["ping_p50_ms"], out["ping_p99_ms"] = pct(ping, 50) * 1e3, pct(ping, 99) * 1e3
         out["ps_p50_ms"], out["ps_p99_ms"] = pct(ps, 50) * 1e3, pct(ps, 99) * 1e3
         out["ps_p99_ratio_vs_ping"] = out["ps_p99_ms"] / out["ping_p99_ms"]
-        # httpx's own CPU saturates this one client process, so its figures measure the clients as much as
-        # the daemon: the same load again with bare sockets
+        # For comparison: the same clients as asyncio tasks in this one process; httpx's own CPU saturates
+        # it, so these latencies measure the client process's queueing as much as the daemon
+        ping = load(d, "/_ping", args.clients, args.requests)
+        ps = load(d, "/vms/json?all=1", args.clients, args.requests)
+        out["oneproc_ping_p99_ms"], out["oneproc_ps_p99_ms"] = pct(ping, 99) * 1e3, pct(ps, 99) * 1e3
+        # and with bare sockets (no HTTP library at all): the daemon's floor
         ping = load(d, "/_ping", args.clients, args.requests, raw=True)
         ps = load(d, "/vms/json?all=1", args.clients, args.requests, raw=True)
         out["raw_ping_p50_ms"], out["raw_ping_p99_ms"] = pct(ping, 50) * 1e3, pct(ping, 99) * 1e3

@@ -436,11 +436,19 @@ class Backend:
         self._exit_event(vm.id).set()
 
     def _signal(self, vm: Vm, signum: int) -> None:
-        """Send ``signum`` to the VMM (its pid cannot be recycled while its shim, its parent, is alive)."""
+        """Send ``signum`` to the VMM (its pid cannot be recycled while its shim, its parent, is alive).
+        A jailed VMM's shim child is jailrun, the jail's supervisor: it turns other signals into a kill
+        of the jailed process and cleans up, but SIGKILL cannot be caught, so SIGKILL goes to the
+        jailed process itself (``jail.json``; its parent, the supervisor, reaps it and cleans up)."""
         pid = vm.vmm_pid
         if not pid:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 pid = int(json.loads((self.vmdir(vm.id) / "vmm.pid").read_text())["pid"])
+        if pid and signum == signal.SIGKILL and vm.id in self.pidfds:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                jailed = int(json.loads((self.vmdir(vm.id) / "jail.json").read_text())["Pid"])
+                if _parent_of(jailed) == pid:       # still the supervisor's child: not a recycled pid
+                    pid = jailed
         if pid and vm.id in self.pidfds:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -859,3 +867,11 @@ def parse_filters(text: str | None, allowed: set[str]) -> dict:
         out[key] = values
     return out
 
+
+def _parent_of(pid: int) -> int | None:
+    """``pid``'s parent pid (/proc/PID/stat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -109,6 +109,11 @@ class Shim:
                 else:
                     self._client(key.fileobj, mask)
         status = proc.wait()
+        message = getattr(proc, "message", None)    # a jail's end the status does not tell (zygote.JailedVmm)
+        if message:
+            import textwrap
+            self.log.write((textwrap.fill(message, width=100, initial_indent="pykvm: ", subsequent_indent="  ",
+                                          break_long_words=False) + "\n").encode())
         signum = -status if status < 0 else None
         code = 128 + signum if signum else status
         self.log.close()

@@ -87,6 +87,9 @@ PRELOAD = (
     # what a jailed VMM loads before it enters the jail (its filter library, the disassembler)
     "pyseccomp", "capstone", "ctypes.util", "encodings.idna", "stringprep", "unicodedata",
     "importlib.resources.readers",
+    # what the jail's preload imports in the VMM right before it enters (crash reports, the API's snapshots)
+    "encodings.latin_1", "pykvm.debug.disasm", "pykvm.debug.report", "pykvm.snapshot.format",
+    "pykvm.snapshot.machine_state",
 )
 
 VMM_ENTRIES = {"pykvm": ("run", "vmm"), "pykvm.engine.jailrun": None}
@@ -98,6 +101,9 @@ class ZygoteError(Exception):
 
 # --- the zygote process --------------------------------------------------------------------------
 def _preload() -> None:
+    with contextlib.suppress(ImportError, AttributeError, OSError):
+        from ..jail.supervisor import lean_malloc
+        lean_malloc()       # before the imports: the zygote's own heap is shared by every VM
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
@@ -107,6 +113,14 @@ def _preload() -> None:
         from .. import cli
         parser = cli.build_parser()     # the whole parser serves every command
         cli.build_parser = lambda command=None: parser
+    with contextlib.suppress(Exception):     # no libseccomp: a jailed VMM would say so itself
+        from ..jail import seccomp
+        seccomp.prebuild()
+    with contextlib.suppress(ImportError):
+        # The per-VM API's app (routes, validators, uvicorn's config), built once here: shared by every
+        # VMM instead of built in each (about 3 MiB of private memory per VM)
+        from ..api import server
+        server.prebuild_app()
     gc.collect()
     gc.freeze()     # what the zygote holds now is never traversed by a child's collector (no COW for it)
 
@@ -259,6 +273,78 @@ class ForkedVmm:
                 os.kill(self.pid, signum)
 
 
+class JailedVmm:
+    """A jailed VMM (``python -m pykvm.engine.jailrun ...`` argv) with the shim as its jail's supervisor:
+    no jailrun process between them (:class:`pykvm.jail.supervisor.Supervised`). The same face as
+    :class:`ForkedVmm`; ``message`` says, after :meth:`wait`, how the jail ended when the exit status
+    alone does not (a seccomp or OOM kill, a jail that could not be built), for the console log."""
+
+    def __init__(self, argv: list[str], pass_fds: list[int]) -> None:
+        from .. import cli
+        from ..errors import PykvmError
+        from ..jail.supervisor import Supervised
+        from . import jailrun
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        self.stdin = os.fdopen(in_w, "wb", buffering=0)
+        self.stdout = os.fdopen(out_r, "rb", buffering=0)
+        self.returncode: int | None = None
+        self.message: str | None = None
+        self.job = None
+        self.pid = 0        # none (the daemon then signals the shim) until the jailed VMM runs
+
+        def stdio() -> None:        # in the VMM, before the jail closes what it inherited
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            os.dup2(out_w, 2)
+            fresh_process()
+        try:
+            config, target, keep = jailrun.prepare(argv[3:])
+            self.job = Supervised.start(config, target, keep, child_setup=stdio)
+            self.pid = self.job.pid
+        except PykvmError as e:
+            self.message, self.returncode = str(e), e.exit_status
+        except SystemExit as e:     # argparse's message is in the shim's log
+            self.message = "the VMM's command line was refused"
+            self.returncode = e.code if isinstance(e.code, int) else 2
+        finally:
+            os.close(in_r)
+            os.close(out_w)
+        self._cli = cli
+
+    def wait(self) -> int:
+        """Reap the VMM (and clean its jail up); Popen's convention: the exit status, or -N if signal N
+        ended it. A kill by seccomp or by the memory limit is status 4 with ``message`` saying which."""
+        if self.returncode is not None:
+            return self.returncode
+        from ..jail import JailError
+        try:
+            result = self.job.wait()
+        except JailError as e:
+            self.message, self.returncode = str(e), e.exit_status
+            return self.returncode
+        if result.status is not None:
+            self.returncode = result.status
+        elif result.signal == signal.SIGKILL and not result.oom_killed:
+            self.returncode = -signal.SIGKILL
+        elif result.signal is not None and result.signal != signal.SIGSYS and not result.oom_killed:
+            self.returncode = -result.signal
+        else:
+            self.message, self.returncode = result.describe(), self._cli.STATUS_CRASH
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None and self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+
+def _spawn_vmm(argv: list[str], pass_fds: list[int]):
+    if argv[2] == "pykvm.engine.jailrun":
+        return JailedVmm(argv, pass_fds)
+    return ForkedVmm(argv, pass_fds)
+
+
 def _shim_main(vmdir: Path, argv: list[str], fds: list[int], received: list[int]) -> int:
     """In the shim (the zygote's grandchild): descriptors, output and signals as ``python -m
     pykvm.engine.shim`` has them, then the shim's loop with a forked VMM."""
@@ -271,7 +357,7 @@ def _shim_main(vmdir: Path, argv: list[str], fds: list[int], received: list[int]
     fresh_process()
     os.chdir("/")
     from .shim import main as shim_main
-    return shim_main([str(vmdir)], spawn=lambda a, p: ForkedVmm(a, p), config={"argv": argv, "pass_fds": fds})
+    return shim_main([str(vmdir)], spawn=_spawn_vmm, config={"argv": argv, "pass_fds": fds})
 
 
 def _serve_one(conn: socket.socket, vms_dir: Path) -> None:

@@ -31,7 +31,8 @@ the VMM can write; nothing else of the host is reachable.
 
 A supervisor process (root, outside the jail) waits for it, reports how it ended (a seccomp kill
 with the forbidden call's name, an OOM kill by its memory limit) and removes the cgroup and the
-root directory. The engine daemon (issue 12) uses the same call::
+root directory (in the engine, that is the VM's shim: :class:`.supervisor.Supervised`). The
+engine daemon (issue 12) uses the same machinery; the plain call is::
 
     from pykvm.jail import JailConfig, spawn
     def vmm(entry):
