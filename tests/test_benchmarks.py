@@ -34,6 +34,22 @@ def _kvm_usable() -> bool:
 
 @pytest.mark.skipif(not _kvm_usable(), reason="/dev/kvm is missing or not accessible: no VM can run")
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is missing: the C baseline cannot be built")
+def test_exit_floor_splits_each_kind_into_floor_and_handling():
+    """benchmarks.exit_floor: pykvm, the bare Vcpu.run loop and C for every port-I/O and MMIO kind; the
+    handling is pykvm less the floor, the ratios are over C."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.exit_floor", "--count", "200", "--repeat", "1", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) == {"pio_out", "pio_in", "mmio_write", "mmio_read"}
+    for row in result.values():
+        assert row["pykvm_us"] > 0 and row["floor_us"] > 0 and row["c_us"] > 0, row
+        assert row["handling_us"] == pytest.approx(row["pykvm_us"] - row["floor_us"], abs=0.002)
+        assert row["floor_over_c"] == pytest.approx(row["floor_us"] / row["c_us"], abs=0.002)
+
+
+@pytest.mark.skipif(not _kvm_usable(), reason="/dev/kvm is missing or not accessible: no VM can run")
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is missing: the C baseline cannot be built")
 def test_exit_latency_tiny_run_reports_every_kind():
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.exit_latency", "--count", "200", "--repeat", "1", "--json"],
