@@ -85,6 +85,8 @@ def _r(ref: str) -> str:
     """A VM reference for a URL path: as docker takes it (a leading '/' of a name dropped), percent-encoded so
     an odd name can never reach another path."""
     from urllib.parse import quote
+    if not ref.lstrip("/"):
+        raise UsageError(f"{ref!r} names no VM: give a VM's name, id or unique id prefix")
     return quote(ref.lstrip("/"), safe="")
 
 

@@ -97,3 +97,10 @@ def test_client_refuses_memory_the_daemon_would_round(tmp_path, verb):
     assert r.returncode == 2 and "whole MiB" in err and "1,572,864 bytes" in err, err
     r = run_pykvm(*verb, "-m", "2M", "spin", env=env)           # whole MiB: on to the (absent) daemon
     assert r.returncode == 2 and "cannot reach the pykvm daemon" in r.stderr.decode(), r.stderr
+
+
+@pytest.mark.parametrize("ref", ["", "/"])
+def test_a_reference_that_names_no_vm_is_refused_before_asking_the_daemon(tmp_path, ref):
+    """`pykvm inspect ''` was "Error: Not Found" (the daemon's router, for /vms//json): now one sentence, status 2."""
+    r = run_pykvm("inspect", "-H", str(tmp_path / "none.sock"), ref)
+    assert r.returncode == 2 and b"names no VM" in r.stderr and b"cannot reach" not in r.stderr, r.stderr
