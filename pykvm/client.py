@@ -299,12 +299,13 @@ def cmd_ps(client: Client, args) -> int:
         for vm in vms:
             print(vm["Id"] if args.no_trunc else vm["Id"][:12])
         return 0
+    from .engine.logs import human_duration
     rows = [("VM ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "MEMORY", "NAMES")]
     for vm in vms:
         image = vm["Image"] if args.no_trunc else _short(os.path.basename(vm["Image"]), 20)
         command = json.dumps(vm["Command"] if args.no_trunc else _short(vm["Command"], 20))
         rows.append((vm["Id"] if args.no_trunc else vm["Id"][:12], image, command,
-                     _ago(time.time() - vm["Created"]) + " ago", vm["Status"], f"{vm['Memory'] >> 20}MiB",
+                     human_duration(time.time() - vm["Created"]) + " ago", vm["Status"], f"{vm['Memory'] >> 20}MiB",
                      vm["Names"][0].lstrip("/")))
     _table(rows)
     return 0
@@ -312,14 +313,6 @@ def cmd_ps(client: Client, args) -> int:
 
 def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
-
-
-def _ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if s >= size * 2:
-            return f"{s // size} {unit}"
-    return "About a minute" if s >= 60 else f"{s} seconds"
 
 
 def _table(rows) -> None:

@@ -99,6 +99,19 @@ def test_client_refuses_memory_the_daemon_would_round(tmp_path, verb):
     assert r.returncode == 2 and "cannot reach the pykvm daemon" in r.stderr.decode(), r.stderr
 
 
+@pytest.mark.parametrize("seconds, words", [
+    (-5, "Less than a second"), (0, "Less than a second"), (0.9, "Less than a second"), (1, "1 second"),
+    (1.5, "1 second"), (2, "2 seconds"), (59.9, "59 seconds"), (60, "About a minute"), (119, "About a minute"),
+    (120, "2 minutes"), (3599, "59 minutes"), (3600, "About an hour"), (5399, "About an hour"),
+    (5400, "2 hours"), (7199, "2 hours"), (47 * 3600, "47 hours"), (48 * 3600, "2 days"), (13 * 86400, "13 days"),
+    (14 * 86400, "2 weeks"), (59 * 86400, "8 weeks"), (60 * 86400, "2 months"), (729 * 86400, "24 months"),
+    (730 * 86400, "2 years"),
+])
+def test_durations_read_as_docker_ps_words_them(seconds, words):
+    """`pykvm ps`'s CREATED and STATUS columns word a duration as `docker ps` does (go-units' HumanDuration)."""
+    assert logs.human_duration(seconds) == words
+
+
 @pytest.mark.parametrize("ref", ["", "/"])
 def test_a_reference_that_names_no_vm_is_refused_before_asking_the_daemon(tmp_path, ref):
     """`pykvm inspect ''` was "Error: Not Found" (the daemon's router, for /vms//json): now one sentence, status 2."""

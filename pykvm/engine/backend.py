@@ -795,24 +795,14 @@ def _image(spec: dict) -> str:
     return spec.get("Kernel") or spec.get("ImageFile") or spec.get("Image") or "hello-long64"
 
 
-def _ago(seconds: float) -> str:
-    s = max(0, int(seconds))
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if s >= size * 2:
-            return f"{s // size} {unit}"
-    if s >= 60:
-        return "About a minute"
-    return f"{s} seconds" if s != 1 else "1 second"
-
-
 def _status_text(vm: Vm) -> str:
     now = time.time()
     if vm.state == "running":
-        return f"Up {_ago(now - (vm.started_at or now))}"
+        return f"Up {logs.human_duration(now - (vm.started_at or now))}"
     if vm.state == "paused":
-        return f"Up {_ago(now - (vm.started_at or now))} (Paused)"
+        return f"Up {logs.human_duration(now - (vm.started_at or now))} (Paused)"
     if vm.state == "exited":
-        return f"Exited ({vm.exit_code}) {_ago(now - (vm.finished_at or now))} ago"
+        return f"Exited ({vm.exit_code}) {logs.human_duration(now - (vm.finished_at or now))} ago"
     return vm.state.capitalize()
 
 

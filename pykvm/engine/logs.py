@@ -95,4 +95,34 @@ def render(lines: list[tuple[float, str]], timestamps: bool) -> str:
 
 
 def rfc3339(when: float) -> str:
+    """``when`` (seconds since the epoch) as RFC 3339 in UTC with microseconds, as Docker's API gives times."""
     return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def human_duration(seconds: float) -> str:
+    """A duration as ``docker ps`` words it (go-units' HumanDuration): "Less than a second", "1 second",
+    "N seconds", "About a minute", "N minutes", "About an hour", "N hours" (rounded, to 47), "N days" (to 13),
+    "N weeks" (to 8), "N months" (to 23), "N years". Negative durations (a clock step) count as 0."""
+    s = max(0.0, seconds)
+    if s < 1:
+        return "Less than a second"
+    if int(s) == 1:
+        return "1 second"
+    if s < 60:
+        return f"{int(s)} seconds"
+    minutes, hours = int(s / 60), int(s / 3600 + 0.5)      # hours rounded, as go-units does
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // (24 * 7)} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // (24 * 30)} months"
+    return f"{int(s / 3600) // (24 * 365)} years"
