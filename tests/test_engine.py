@@ -103,6 +103,9 @@ def test_errors_are_clean(daemon):
     code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json",
                       "-d", '{"Kernel": "/nonexistent/vmlinux"}', "http://pykvm/vms/create")
     assert code == 400 and "No such file" in json.loads(body)["message"]
+    for query in ("since=nan", "until=inf", "since=-inf&until=0"):      # floats FastAPI takes, not times
+        code, body = curl(daemon, f"http://pykvm/events?{query}")
+        assert code == 400 and "seconds since the epoch" in json.loads(body)["message"], query
     assert daemon.vms() == []       # nothing half-created
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 from typing import Literal
 
@@ -324,6 +325,9 @@ def make_app(backend: Backend) -> FastAPI:
     async def events(since: float | None = None, until: float | None = None,
                      filters: str | None = Query(default=None, max_length=4096)):
         flt = parse_filters(filters, EVENT_FILTER_KEYS)
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and not math.isfinite(value):
+                raise BadRequest(f"{name} must be a time in seconds since the epoch, not {value}")
         if since is None and until is not None:
             since = 0
 
