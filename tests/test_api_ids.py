@@ -34,3 +34,21 @@ def test_path_and_body_ids_must_agree(client, method, path, body, field):
                       f"({path.rsplit('/', 1)[1]})"
     config = client.get("/vm/config").json()
     assert config.get("drives", []) == [] and config.get("network-interfaces", []) == []
+
+
+def test_a_vmm_that_does_not_finish_an_action_answers_503_not_400(monkeypatch):
+    """The VMM's own slowness is not the request's fault: the controller's timeout is 503 (Service
+    Unavailable) with a message, where it was 400."""
+    import threading
+
+    from pykvm.api.controller import ApiError, FlushMetrics
+    gate = threading.Event()
+    monkeypatch.setattr(Vmm, "_flush_metrics", lambda self, action: gate.wait(30))
+    vmm = Vmm("slow")
+    try:
+        with pytest.raises(ApiError) as caught:
+            vmm.submit(FlushMetrics(), timeout=0.2)
+        assert caught.value.status == 503 and "did not finish FlushMetrics" in caught.value.message
+    finally:
+        gate.set()
+        vmm.shutdown()

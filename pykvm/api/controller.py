@@ -34,7 +34,7 @@ APP_NAME = "pykvm"
 
 
 class ApiError(Exception):
-    """An action refused or failed: HTTP 400 with ``{"fault_message": message}``."""
+    """An action refused or failed: HTTP ``status`` (400 unless said) with ``{"fault_message": message}``."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -184,7 +184,8 @@ class Vmm:
         try:
             return request.future.result(timeout)
         except TimeoutError:
-            raise ApiError(f"the VMM did not finish {type(action).__name__} within {timeout:g} s") from None
+            # the VMM's fault, not the request's: 503, as a server too busy to answer
+            raise ApiError(f"the VMM did not finish {type(action).__name__} within {timeout:g} s", 503) from None
 
     def adopt(self, machine) -> None:
         """Take a machine built elsewhere (`pykvm run --api-sock`), already loaded: it runs at once."""
