@@ -23,10 +23,10 @@ pytestmark = [needs_kvm, pytest.mark.skipif(
     reason="our small Linux is not built: run `make -C guests/linux` (.ci/run does)")]
 
 
-def boot(kernel, script: str, *extra: str, timeout: float = 240):
+def boot(kernel, script: str, *extra: str, timeout: float = 240, append: str = ""):
     return run_pykvm("run", "-k", str(kernel), "-i", str(INITRD), "-m", "64M",
-                     "-p", "console=ttyS0 earlyprintk=ttyS0 panic=-1", "--timeout", str(timeout), *extra,
-                     input=script.encode(), timeout=timeout + 60)
+                     "-p", f"console=ttyS0 earlyprintk=ttyS0 panic=-1 {append}".strip(), "--timeout", str(timeout),
+                     *extra, input=script.encode(), timeout=timeout + 60)
 
 
 def test_pvh_vmlinux_to_a_shell_that_answers_then_poweroff():
@@ -40,6 +40,21 @@ def test_pvh_vmlinux_to_a_shell_that_answers_then_poweroff():
     if backend() == "kvm_pvm":
         assert "added 'noxsave clearcpuid=" in err               # the platform's parameters, said once
         assert err.count("added '") == 1
+
+
+def test_init_hands_the_shell_its_environment_reaps_orphans_and_powers_off_when_the_shell_exits():
+    # guests/linux/init.c: the kernel passes a NAME=value it does not know to init's environment, and
+    # init to the shell; an orphan (the subshell's background sleep) is init's to reap; `exit` powers off.
+    script = ('echo "G=$pykvmgreeting H=$HOME P=$PATH"\n'
+              "(sleep 0 &); sleep 1; echo ZOMBIES=$(cat /proc/[0-9]*/stat | grep -c ') Z ')\n"
+              "exit\n")
+    r = boot(VMLINUX, script, append="pykvmgreeting=hello")
+    out, err = r.stdout.decode(errors="replace"), " ".join(r.stderr.decode().split())
+    assert r.returncode == 0, out[-2000:] + err
+    assert re.search(r"^G=hello H=/root P=/bin:/sbin:/usr/bin:/usr/sbin\r?$", out, re.M), out[-1500:]
+    assert re.search(r"^ZOMBIES=0\r?$", out, re.M), out[-1500:]
+    assert "pykvm-linux: shell exited, powering off" in out
+    assert "reboot: System halted" in out
 
 
 def test_bzimage_reaches_the_marker_and_reboot_ends_the_run():
