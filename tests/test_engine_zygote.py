@@ -165,6 +165,32 @@ def test_the_vmm_gets_exactly_its_descriptors(tmp_path, jail):
         d.close()
 
 
+
+def _zombie_children(pid: int) -> list[int]:
+    children = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        children += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return [c for c in children if not _alive(c)]
+
+
+@needs_kvm
+def test_the_shims_of_vms_that_ended_are_reaped_by_the_zygote(tmp_path):
+    """A shim is the zygote's child (one fork, not two): when it ends, the zygote collects it, so no zombie
+    is left per VM that ran."""
+    d = Daemon()
+    d.start()
+    try:
+        for name in ("one", "two", "three"):
+            assert d.pykvm("run", "-d", "--name", name, "hello-long64").returncode == 0
+        d.remember_shims()
+        for name in ("one", "two", "three"):
+            wait_for(lambda n=name: state_of(d, n)["Status"] == "exited", what=f"{name}'s end")
+        zygote = _zygote_pid(d)
+        wait_for(lambda: not _zombie_children(zygote), what="the zygote reaping its ended shims")
+        assert _alive(zygote)
+    finally:
+        d.close()
+
 @needs_kvm
 def test_a_zygote_that_died_is_restarted(tmp_path):
     d = Daemon()
