@@ -153,6 +153,9 @@ class Entry:
             self.entered_fd = None
 
 
+_sealed_away: list = []     # the import system's finders and their cache as they were before preload sealed it
+
+
 def preload() -> None:
     """Import now what a VMM may need after the pivot, when no module file can be read: crash
     reports (capstone and its shared library), tracing, tracebacks, the codecs Python looks up
@@ -181,9 +184,13 @@ def preload() -> None:
     import gc
     gc.collect()
     ctypes.CDLL(None).malloc_trim(0)
+    _sealed_away.append((list(sys.meta_path), sys.path_importer_cache))
     sys.meta_path[:] = [f for f in sys.meta_path
                         if f in (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter)]
-    sys.path_importer_cache.clear()
+    # A new, empty cache rather than clear(): the finders in the old one (a FileFinder and its directory
+    # listing per directory ever searched) were made by the process this VMM was forked from (the engine's
+    # zygote); freeing them here would write to, and so copy, every page they are on (~2 MiB per VMM).
+    sys.path_importer_cache = {}
 
 
 def check(config: JailConfig) -> cgroups.Hierarchy:
