@@ -476,8 +476,9 @@ def _boot(args, plan, firmware, inside, debug_options, before_run=None, api_stag
             virtio_console = _attach_virtio(args, machine, output.write)
             machine.load(plan)
             # The segments are in guest RAM now: their copies would stay in this process for the VM's life
-            # (about 13 MiB for our Linux). Only Machine.load reads them.
-            plan.writes = []
+            # (about 13 MiB for our Linux), and so would the kernel and initrd files' bytes (16 MiB more; fw_cfg
+            # keeps its own reference when firmware boots the guest). Only Machine.load reads them.
+            plan.writes, plan.kernel, plan.initrd = [], b"", b""
             seeing = inside.attach(machine, debug_options)
             jailed = before_run is not None
             # Jailed: the API's threads and listening socket exist before the jail (it allows no socket calls)

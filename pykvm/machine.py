@@ -191,17 +191,23 @@ class Machine:
         """Place a BootPlan's bytes in RAM and start the boot vCPU in the plan's state.
 
         With firmware, the vCPU keeps its reset state (real mode at 0xFFFFFFF0) and the firmware
-        finds the plan's entry state in a hand-off block instead. Application processors stay
-        parked until the guest sends them INIT/SIPI, as on hardware."""
+        finds the plan's entry state in a hand-off block instead, and fw_cfg offers the plan's kernel and
+        initrd (items 0x08-0x12) for it to read; a direct boot offers only the command line. Application
+        processors stay parked until the guest sends them INIT/SIPI, as on hardware."""
         for gpa, data in plan.writes:
             self.memory.write(gpa, data)
         if self.irqchip:
             # KVM's default GSI routing wires the PIT (GSI 0) to IOAPIC pin 0, so the table says so.
             self.memory.write(BIOS_AREA[0], build_mptable(len(self.vcpus), BIOS_AREA[0], irq0_pin=0))
-        self.fw_cfg.set_boot(kernel=plan.kernel, initrd=plan.initrd, cmdline=plan.cmdline)
         if self.firmware is None:
+            # A direct boot: the kernel and initrd are in guest RAM already and no firmware will load them, so
+            # fw_cfg offers only the command line. (QEMU offers the kernel and initrd items for its firmware to
+            # load; Firecracker, which boots directly, has no fw_cfg.) Keeping them would cost their size in
+            # this process for the VM's life: 16 MiB for the small Linux.
+            self.fw_cfg.set_boot(cmdline=plan.cmdline)
             _apply_cpu_state(self.vcpus[0], plan.cpu)
         else:
+            self.fw_cfg.set_boot(kernel=plan.kernel, initrd=plan.initrd, cmdline=plan.cmdline)
             self.memory.write(HANDOFF_ADDR, handoff_block(plan.cpu))
 
     # --- ending a run ----------------------------------------------------------------------

@@ -165,6 +165,32 @@ def test_the_vmm_gets_exactly_its_descriptors(tmp_path, jail):
         d.close()
 
 
+
+def _zombie_children(pid: int) -> list[int]:
+    children = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        children += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return [c for c in children if not _alive(c)]
+
+
+@needs_kvm
+def test_the_shims_of_vms_that_ended_are_reaped_by_the_zygote(tmp_path):
+    """A shim is the zygote's child (one fork, not two): when it ends, the zygote collects it, so no zombie
+    is left per VM that ran."""
+    d = Daemon()
+    d.start()
+    try:
+        for name in ("one", "two", "three"):
+            assert d.pykvm("run", "-d", "--name", name, "hello-long64").returncode == 0
+        d.remember_shims()
+        for name in ("one", "two", "three"):
+            wait_for(lambda n=name: state_of(d, n)["Status"] == "exited", what=f"{name}'s end")
+        zygote = _zygote_pid(d)
+        wait_for(lambda: not _zombie_children(zygote), what="the zygote reaping its ended shims")
+        assert _alive(zygote)
+    finally:
+        d.close()
+
 @needs_kvm
 def test_a_zygote_that_died_is_restarted(tmp_path):
     d = Daemon()
@@ -222,3 +248,36 @@ def test_a_bad_request_to_the_zygote_is_refused(tmp_path):
         assert "Hello from 64-bit long mode!" in "".join(r["d"] for r in records)
     finally:
         d.close()
+
+
+_WARMED_API = """
+import json, os, socket, sys, threading
+from pykvm.api import server
+from pykvm.api.controller import Vmm
+server.prebuild_app()
+server.warm_up_prebuilt()
+threads = threading.active_count()
+vmm = Vmm("the-vm")
+with server.ApiServer(vmm, sys.argv[1]):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sys.argv[1])
+        s.sendall(b"GET / HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+vmm.shutdown()
+print(json.dumps({"threads": threads, "answer": answer.split(b"\\r\\n\\r\\n", 1)[1].decode()}))
+"""
+
+
+def test_the_api_warmed_up_in_the_zygote_leaves_it_single_threaded_and_serves_the_next_vmm(tmp_path):
+    """The zygote serves the per-VM API once before it forks (what its first request builds is then shared): it must
+    be left with one thread (fork copies one), and the app must answer for the VMM that comes next, not the
+    warm-up's."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _WARMED_API, str(tmp_path / "api.sock")], capture_output=True,
+                         timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr.decode()
+    result = json.loads(out.stdout)
+    assert result["threads"] == 1
+    assert json.loads(result["answer"])["id"] == "the-vm"

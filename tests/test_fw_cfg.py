@@ -10,6 +10,7 @@ import struct
 import threading
 
 import pytest
+from conftest import ROOT, needs_kvm
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -129,6 +130,39 @@ def test_without_a_kernel_the_sizes_are_zero_and_the_cmdline_is_just_nul(dev: Fw
     assert u32(dev, FW_CFG_CMDLINE_SIZE) == 1
     assert read_item(dev, FW_CFG_CMDLINE_DATA, 1) == b"\0"
 
+
+
+def _loaded_machine(firmware: bool):
+    """A Machine that loaded a plan carrying a kernel, an initrd and a command line (as detect's loaders make)."""
+    from pykvm.boot.flat import load_flat
+    from pykvm.machine import Machine
+    from pykvm.x86.modes import CpuMode
+    plan = load_flat(b"\xf4", 0x8000, CpuMode.LONG64, 64 << 20)
+    plan.kernel, plan.initrd, plan.cmdline = b"KERNEL" * 100, b"\x1f\x8b rd", "console=ttyS0"
+    image = (ROOT / "firmware" / "pykvm-fw.bin").read_bytes() if firmware else None
+    machine = Machine(mem_size=64 << 20, firmware=image)
+    machine.load(plan)
+    return machine
+
+
+@needs_kvm
+def test_a_direct_boot_offers_the_cmdline_but_not_the_kernel_and_initrd_already_in_ram() -> None:
+    """As Firecracker (no fw_cfg) and unlike a firmware boot: nothing will load them, so the VMM keeps no copy."""
+    with _loaded_machine(firmware=False) as machine:
+        dev = machine.fw_cfg
+        assert (u32(dev, FW_CFG_KERNEL_SIZE), u32(dev, FW_CFG_INITRD_SIZE)) == (0, 0)
+        assert dev.item(FW_CFG_KERNEL_DATA) == dev.item(FW_CFG_INITRD_DATA) == b""
+        assert read_item(dev, FW_CFG_CMDLINE_DATA, 14) == b"console=ttyS0\0"
+
+
+@needs_kvm
+def test_a_firmware_boot_offers_the_kernel_initrd_and_cmdline_for_the_firmware_to_load() -> None:
+    with _loaded_machine(firmware=True) as machine:
+        dev = machine.fw_cfg
+        assert u32(dev, FW_CFG_KERNEL_SIZE) == 600
+        assert read_item(dev, FW_CFG_KERNEL_DATA, 600) == b"KERNEL" * 100
+        assert read_item(dev, FW_CFG_INITRD_DATA, 5) == b"\x1f\x8b rd"
+        assert read_item(dev, FW_CFG_CMDLINE_DATA, 14) == b"console=ttyS0\0"
 
 # ---- the data register ----------------------------------------------------------------------
 

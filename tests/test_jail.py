@@ -303,3 +303,31 @@ def test_netns_joins_the_given_network_namespace(jail):
         assert jail(entered(lambda: 1 - attempt()), seccomp="off").status == 0    # a new one: not there
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+_PRELOAD_SEALS = """
+import sys
+from pykvm.jail.supervisor import preload
+before = sys.path_importer_cache
+entries = len(before)
+preload()
+try:
+    import xdrlib   # a module nobody imported: no file-system lookup any more
+    sealed = False
+except ModuleNotFoundError:
+    sealed = True
+print(sealed, entries > 0, len(before) >= entries, sys.path_importer_cache == {})
+"""
+
+
+def test_preload_seals_imports_without_freeing_the_finders_a_zygote_made():
+    """After the jail's pre-import step a new module cannot be imported (no file-system lookup), and the import
+    system's old finder cache is set aside, not emptied: in a VMM forked from the engine's zygote, freeing the
+    zygote's finders would copy every page they are on into the VMM."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _PRELOAD_SEALS], capture_output=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.split() == [b"True"] * 4

@@ -114,18 +114,22 @@ class Entry:
         ``config.api_sock``; the target only accepts connections on it from then on."""
         return self.config.api_sock_staging
 
-    def enter(self) -> None:
-        """The remaining steps, in order: pre-import, namespaces (IPC, UTS, network; the mount
-        namespace is the process's own from its start),
-        pivot into the per-VM root, resource limits, drop to uid/gid with no capabilities and
-        no_new_privs, then the seccomp filter. Raises JailError naming a step that failed. First it
-        waits until the process is in its cgroup (see :func:`_vmm`)."""
+    def _joined(self) -> None:
+        """Wait for the cgroup join started by :func:`_vmm` (if any); raise what it raised."""
         if self.joining is not None:
             self.joining.join()
             self.joining = None
             if self.join_error is not None:
                 raise self.join_error
+
+    def enter(self) -> None:
+        """The remaining steps, in order: pre-import, namespaces (IPC, UTS, network; the mount
+        namespace is the process's own from its start), the wait until the process is in its cgroup
+        (see :func:`_vmm`: the two steps before overlap with the join), pivot into the per-VM root,
+        resource limits, drop to uid/gid with no capabilities and no_new_privs, then the seccomp
+        filter. Raises JailError naming a step that failed."""
         steps = [("pre-import", preload), ("namespaces", lambda: namespaces.enter(self.config.netns)),
+                 ("cgroup", self._joined),     # before pivot_root: the join writes to the host's cgroupfs
                  ("pivot_root", lambda: rootfs.pivot(self.root, self.config)),
                  ("resource limits", lambda: rlimits.apply(self.config.resource_limits)),
                  ("credentials", lambda: credentials.drop(self.uid, self.gid))]
@@ -147,6 +151,9 @@ class Entry:
                 pass
             os.close(self.entered_fd)
             self.entered_fd = None
+
+
+_sealed_away: list = []     # the import system's finders and their cache as they were before preload sealed it
 
 
 def preload() -> None:
@@ -177,9 +184,13 @@ def preload() -> None:
     import gc
     gc.collect()
     ctypes.CDLL(None).malloc_trim(0)
+    _sealed_away.append((list(sys.meta_path), sys.path_importer_cache))
     sys.meta_path[:] = [f for f in sys.meta_path
                         if f in (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter)]
-    sys.path_importer_cache.clear()
+    # A new, empty cache rather than clear(): the finders in the old one (a FileFinder and its directory
+    # listing per directory ever searched) were made by the process this VMM was forked from (the engine's
+    # zygote); freeing them here would write to, and so copy, every page they are on (~2 MiB per VMM).
+    sys.path_importer_cache = {}
 
 
 def check(config: JailConfig) -> cgroups.Hierarchy:
@@ -409,9 +420,10 @@ def _remove_socket(path: str, inode: int | None = None) -> None:
 
 def _vmm(config, cgroup, root, uid, gid, target, report_fd, keep_fds, entered_fd, early: bool = False) -> None:
     """The jailed process (never returns). With ``early`` (the inline spawn) it joins its cgroup in a
-    thread while the target sets up its VM, and :meth:`Entry.enter` waits for that join before any
-    other step: moving a process into a cgroup v1 ``cpu`` hierarchy waits about 10 ms in the kernel
-    (an RCU grace period, the threadgroup lock), which then overlaps with the VM's set-up instead of
+    thread while the target sets up its VM, and :meth:`Entry.enter` waits for that join before it
+    pivots into the jail's root (its pre-import and namespace steps overlap with the join too):
+    moving a process into a cgroup v1 ``cpu`` hierarchy waits about 10 ms in the kernel (an RCU
+    grace period, the threadgroup lock), which then overlaps with the VM's set-up instead of
     coming before it. The guest runs only after the join, in the cgroup; what the target allocated
     before the join completed (its VM's set-up: KVM's structures, buffers) stays charged where it
     was allocated."""
