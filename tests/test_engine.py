@@ -92,6 +92,18 @@ def test_errors_are_clean(daemon):
         code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "-d", "{}",
                           "--url-query", f"name={name}", "http://pykvm/vms/create")
         assert code == 400 and "invalid VM name" in json.loads(body)["message"], name
+    code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "-d", '{"Image": "spin"}',
+                      "--url-query", "name=snapname-test", "http://pykvm/vms/create")
+    assert code == 201, body
+    for name in ("../etc", "a/b", ".."):        # a snapshot's name is a directory's: said as a snapshot's
+        code, body = curl(daemon, "-X", "POST", "--url-query", f"name={name}", "http://pykvm/vms/snapname-test/snapshot")
+        assert code == 400 and "invalid snapshot name" in json.loads(body)["message"], body
+        code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json",
+                          "-d", json.dumps({"FromSnapshot": {"Vm": "snapname-test", "Snapshot": name}}),
+                          "http://pykvm/vms/create")
+        assert code == 400 and "invalid snapshot name" in json.loads(body)["message"], body
+    code, _ = curl(daemon, "-X", "DELETE", "http://pykvm/vms/snapname-test")
+    assert code == 204
     big = daemon.dir / "big.json"
     big.write_bytes(b"x" * (2 << 20))
     code, body = curl(daemon, "-X", "POST", "-H", "Content-Type: application/json", "--data-binary", f"@{big}",

@@ -542,7 +542,7 @@ class Backend:
         """A full snapshot of a running or paused VM into its directory (``snapshots/NAME/``): pause,
         PUT /snapshot/create on the VMM's API (Firecracker's), resume if it was running."""
         vm = self.lookup(ref)
-        name = check_name(name)
+        name = check_name(name, "snapshot")
         if vm.state not in ("running", "paused"):
             raise Conflict(f"VM {vm.name} is {vm.state}: only a running or paused VM can be snapshotted")
         if not vm.api_sock:
@@ -588,7 +588,7 @@ class Backend:
         vm = self.lookup(str(source.get("Vm", "")))
         if not caller.is_root and caller.uid != vm.owner_uid:
             raise Forbidden(f"VM {vm.name} belongs to uid {vm.owner_uid}, not to you (uid {caller.uid})")
-        where = self.vmdir(vm.id) / "snapshots" / check_name(str(source.get("Snapshot", "")))
+        where = self.vmdir(vm.id) / "snapshots" / check_name(str(source.get("Snapshot", "")), "snapshot")
         if not (where / "state").is_file():
             raise NotFound(f"VM {vm.name} has no snapshot {source.get('Snapshot')}")
         return vm, where

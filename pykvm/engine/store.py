@@ -98,11 +98,12 @@ def new_id() -> str:
     return secrets.token_hex(32)
 
 
-def check_name(name: str) -> str:
-    """A VM name as Docker allows it (so never a path: no '/', never '..' alone); BadRequest otherwise."""
+def check_name(name: str, what: str = "VM") -> str:
+    """A VM (or snapshot: ``what``) name as Docker allows a container's (so never a path: no '/', never '..'
+    alone); BadRequest naming ``what`` otherwise."""
     name = name[1:] if name.startswith("/") else name   # Docker accepts and shows a leading '/'
     if not NAME_RE.fullmatch(name):
-        raise BadRequest(f"invalid VM name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed, at most 128")
+        raise BadRequest(f"invalid {what} name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed, at most 128")
     return name
 
 
