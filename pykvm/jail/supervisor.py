@@ -422,8 +422,9 @@ def _vmm(config, cgroup, root, uid, gid, target, report_fd, keep_fds, entered_fd
     """The jailed process (never returns). With ``early`` (the inline spawn) it joins its cgroup in a
     thread while the target sets up its VM, and :meth:`Entry.enter` waits for that join before it
     pivots into the jail's root (its pre-import and namespace steps overlap with the join too):
-    moving a process into a cgroup v1 ``cpu`` hierarchy waits about 10 ms in the kernel (an RCU
-    grace period, the threadgroup lock), which then overlaps with the VM's set-up instead of
+    the first move of a process into a cgroup v1 hierarchy (whichever of the jail's is written first;
+    the later ones took ~0.2 ms) waits about 10-12 ms in the kernel (an RCU grace period, the
+    threadgroup lock), which then overlaps with the VM's set-up instead of
     coming before it. The guest runs only after the join, in the cgroup; what the target allocated
     before the join completed (its VM's set-up: KVM's structures, buffers) stays charged where it
     was allocated."""
