@@ -149,6 +149,7 @@ FREE_TEXT_OPTIONS = {
     "--trace-filter": "--trace-filter",
     "--id": "--id",                       # Firecracker's instance ids may begin with a hyphen
     "-H": "--host", "--host": "--host",   # a socket path
+    "-m": "--mem", "--mem": "--mem",      # not free text, but `-m -5M` should hear that -5M is not a size
 }
 FREE_TEXT_COMMANDS = {"run", "vmm", "bench"}
 

@@ -179,6 +179,7 @@ def test_triple_fault_is_reported_with_registers_and_disassembly(tmp_path):
     (["run", "{hello}", "--load-addr", "0x8000000"], "does not fit in guest RAM"),
     (["run", "{hello}", "--load-addr", "0x70000"], "overlaps the boot page tables"),
     (["run", "--mem", "lots"], "not a size"),
+    (["run", "-m", "-5M"], "not a size: '-5M'"),
     (["run", "--mem", "100"], "guest memory must be"),
     (["run", "--timeout", "-1"], "is not a number of seconds above 0"),
     (["run", "--timeout", "0"], "is not a number of seconds above 0"),
