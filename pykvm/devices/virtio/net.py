@@ -110,7 +110,6 @@ class Net(VirtioDevice):
             raise ValueError(f"a MAC address is {MAC_LEN} bytes, not {len(mac)}")
         self.tap = tap
         self.mac = bytes(mac)
-        self._config = self.mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, 1)
         # Room for the largest frame plus one byte: a read that fills it all was cut short.
         self._buf = bytearray(HDR_SIZE + MAX_FRAME + 1)
         self._view = memoryview(self._buf)
@@ -128,7 +127,8 @@ class Net(VirtioDevice):
 
     # --- configuration and life cycle ---------------------------------------------------------
     def config(self) -> bytes:
-        return self._config
+        """struct virtio_net_config (5.1.4): mac, status (LINK_UP until the TAP fails), max_virtqueue_pairs 1."""
+        return self.mac + struct.pack("<HH", 0 if self.tap_failed else VIRTIO_NET_S_LINK_UP, 1)
 
     def offloads(self) -> int:
         """The TUN_F_* flags matching what the driver accepted (GUEST_CSUM, GUEST_TSO4)."""
@@ -242,7 +242,6 @@ class Net(VirtioDevice):
         if self.tap_failed:
             return
         self.tap_failed = True
-        self._config = self.mac + struct.pack("<HH", 0, 1)
         self.transport.config_changed()
 
     def _next_chain(self, queue: SplitQueue, taken: int) -> Chain | None:
