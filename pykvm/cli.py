@@ -951,12 +951,12 @@ def _api_while_running(args, machine, serial, staging=None):
         return contextlib.nullcontext()
     from .api.controller import Vmm
     from .api.server import ApiServer
-    stack = contextlib.ExitStack()     # SIGTERM/SIGHUP end the run as without the API (_signals_end)
-    vmm = Vmm(args.id, machine=machine)
-    vmm.serial = serial
-    stack.callback(vmm.shutdown)
-    stack.enter_context(ApiServer(vmm, args.api_sock, staging))
-    return stack
+
+    def vmm() -> Vmm:       # made when the first client connects: the API is optional here (see ApiServer)
+        made = Vmm(args.id, machine=machine)
+        made.serial = serial
+        return made
+    return ApiServer(vmm, args.api_sock, staging, lazy=True)
 
 
 def _config_actions(path: str) -> list:
@@ -1011,7 +1011,10 @@ def _serve_vmm(args, actions: list, entry=None) -> int:
         vmm = c.Vmm(args.id, serial_out=output.write)
         try:
             staging = entry.api_sock_staging if entry is not None else None
-            with ApiServer(vmm, args.api_sock, staging) if args.api_sock else contextlib.nullcontext():
+            # Served from the first connection on when the machine comes from the command line (the API is
+            # optional then); at once when the API is how the machine comes (pykvm vmm with no actions)
+            server = ApiServer(vmm, args.api_sock, staging, lazy=bool(actions)) if args.api_sock else None
+            with server or contextlib.nullcontext():
                 for action in actions:
                     try:
                         vmm.submit(action)

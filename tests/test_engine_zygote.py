@@ -281,3 +281,37 @@ def test_the_api_warmed_up_in_the_zygote_leaves_it_single_threaded_and_serves_th
     result = json.loads(out.stdout)
     assert result["threads"] == 1
     assert json.loads(result["answer"])["id"] == "the-vm"
+
+
+@needs_kvm
+@pytest.mark.parametrize("jail", [False, True], ids=["unjailed", "jailed"])
+def test_an_engine_vmm_starts_its_api_server_on_the_first_call(tmp_path, jail):
+    """The daemon's VMMs serve their API lazily (pykvm.api.server.ApiServer, lazy): until a client calls, a VMM
+    holds no event loop (the memory its start would copy from the zygote stays shared), yet its socket is
+    there from the start and the first call is answered; in a jail too, where the server then starts."""
+    if jail and os.geteuid() != 0:
+        pytest.skip("a jailed VMM needs a daemon running as root")
+    d = Daemon(*(() if jail else ("--no-jail",)))
+    d.start()
+    try:
+        assert d.pykvm("run", "-d", "--name", "lazy", str(echo_guest(tmp_path))).returncode == 0
+        d.remember_shims()
+        vmdir = d.state / "vms" / json.loads(d.pykvm("inspect", "lazy").stdout)[0]["Id"][:16]
+        wait_for(lambda: (vmdir / "api.sock").exists(), what="the VMM's API socket")
+        vmm = state_of(d, "lazy")["Pid"]
+        if jail:
+            vmm = wait_for(lambda: json.loads((vmdir / "jail.json").read_text())["Pid"]
+                           if (vmdir / "jail.json").exists() else None, what="jail.json")
+
+        def event_loops() -> int:
+            return sum(t == "anon_inode:[eventpoll]" for t in _fd_links(vmm).values())
+        assert event_loops() == 0
+        assert d.pykvm("pause", "lazy").returncode == 0           # PATCH /vm through the VMM's socket
+        assert state_of(d, "lazy")["Status"] == "paused"
+        assert event_loops() == 1
+        assert d.pykvm("unpause", "lazy").returncode == 0
+        assert b"still here" in _attach_echo(d, "lazy", b"still here")
+        wait_for(lambda: state_of(d, "lazy")["Status"] == "exited", what="the VM's end")
+        assert state_of(d, "lazy")["ExitCode"] == 7
+    finally:
+        d.close()

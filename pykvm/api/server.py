@@ -7,13 +7,17 @@ Served by uvicorn on a Unix socket created 0600 (owner only), in a thread of its
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import select
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -231,12 +235,17 @@ def prebuild_app() -> None:
     The engine's zygote calls it: every VMM it forks then shares those objects with it (copy on write)
     instead of building its own copy, several MiB per VM."""
     global _prebuilt
-    ref = _VmmRef()
-    app = build_app(ref)       # type: ignore[arg-type]
-    app.middleware_stack = app.build_middleware_stack()
-    config = _config(app)
+    app, ref, config = _build()
     config.load()              # uvicorn's protocol classes and wrapped app, as its server would at start
     _prebuilt = (app, ref, config)
+
+
+def _build() -> tuple[FastAPI, _VmmRef, object]:
+    """The app, the :class:`_VmmRef` its routes reach the VMM through, and uvicorn's Config of the app."""
+    ref = _VmmRef()
+    app = build_app(ref)       # type: ignore[arg-type]
+    app.middleware_stack = app.build_middleware_stack()   # built now, not during the first request (~20 ms)
+    return app, ref, _config(app)
 
 
 def warm_up_prebuilt() -> None:
@@ -272,17 +281,16 @@ def _config(app: FastAPI):
     return uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_keep_alive=5)
 
 
-def _config_for(vmm: c.Vmm):
-    """uvicorn's Config of ``vmm``'s app: the prebuilt one (:func:`prebuild_app`) once, else a new one."""
+def _config_for() -> tuple[object, _VmmRef]:
+    """uvicorn's Config of an app and the :class:`_VmmRef` its routes reach the VMM through: the prebuilt one
+    (:func:`prebuild_app`) once, else a new one."""
     global _prebuilt
     if _prebuilt is not None:
         _, ref, config = _prebuilt
         _prebuilt = None        # one VMM per process: the next server (if any) builds its own
-        ref.target = vmm
-        return config
-    app = build_app(vmm)
-    app.middleware_stack = app.build_middleware_stack()   # built now, not during the first request (~20 ms)
-    return _config(app)
+        return config, ref
+    _, ref, config = _build()
+    return config, ref
 
 
 class ApiServer:
@@ -291,35 +299,94 @@ class ApiServer:
     ``staging``: a jailed VMM's socket (pykvm.jail): bound and listened on at ``staging`` before the
     VMM enters its jail, served from there; the jail's supervisor renames it to ``path`` once the
     VMM is jailed and removes it at the end, so this server neither renames nor unlinks it (in the
-    jail it could not: only accept, read and write on the socket are left to it)."""
+    jail it could not: only accept, listen, read and write on the socket are left to it).
 
-    def __init__(self, vmm: c.Vmm, path: str, staging: str | None = None) -> None:
-        import uvicorn
+    ``lazy``: for a VMM whose machine comes from its command line (the API is optional then), forked
+    from the engine's zygote (:func:`warm_up_prebuilt`): uvicorn, its event loop and (``vmm`` given as a
+    function) the Vmm with its controller thread are made on the first connection, not at once. Until then
+    the server's thread only waits in poll(2), and a VMM that nobody calls keeps about 1 MiB less private
+    memory: uvicorn's start, its loop and its 0.1 s ticks write to objects it shares with the zygote (the
+    engine's benchmark, ``benchmarks/engine.py``). The socket listens from the start, so no client is
+    refused: its connection waits in the backlog while the server starts (a few ms). Made in a jail, the
+    loop needs ``epoll_create1`` and ``socketpair(AF_UNIX)``, which the API's seccomp filter allows."""
+
+    def __init__(self, vmm: c.Vmm | Callable[[], c.Vmm], path: str, staging: str | None = None,
+                 lazy: bool = False) -> None:
+        """``vmm``: the Vmm the routes drive; or a function that makes it (when the server starts), then shut
+        down by :meth:`close`. UsageError if the socket cannot be made."""
         self.path = path
         self._publish = staging is None
-        # Bound under a temporary name and renamed once uvicorn serves it: a client that sees the socket is
-        # answered at once, instead of waiting in the backlog for the server's start-up (~25 ms).
+        # Lazy only where everything the server's start and first request use is imported and built already (a
+        # process that warmed the prebuilt app up, or was forked from one: the engine's VMMs), also in a jail, which
+        # can import nothing; elsewhere there is no memory shared with a zygote to save, and it starts at once.
+        self._lazy = lazy and _warmed and _prebuilt is not None
+        # Bound under a temporary name and renamed once uvicorn serves it (at once when lazy: the backlog holds a
+        # client until it serves): a client that sees the socket is answered, instead of refused.
         self._bind_path = staging or f"{path}.{os.getpid()}.tmp"
         if staging is None and len(os.fsencode(self._bind_path)) > 107:    # sun_path: the temporary name must fit too
             self._bind_path = path
         self._sock = bind_unix(path, self._bind_path)
-        self._warm = not (_warmed and _prebuilt is not None)     # a warmed prebuilt app needs no warm-up
-        self._server = uvicorn.Server(_config_for(vmm))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name="api-server", daemon=True)
+        self._vmm = vmm
+        self._made: c.Vmm | None = None
+        self._server = None
+        self._closing = False
+        self._wake_r = self._wake_w = None
+        if self._lazy:
+            self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+            self._thread = threading.Thread(target=self._serve_when_called, name="api-server", daemon=True)
+        else:
+            self._warm = not (_warmed and _prebuilt is not None)      # a warmed prebuilt app needs no warm-up
+            self._server = self._make_server()
+            self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                            name="api-server", daemon=True)
+
+    def _make_server(self):
+        import uvicorn
+        config, ref = _config_for()
+        if isinstance(self._vmm, c.Vmm):
+            ref.target = self._vmm
+        else:
+            self._made = ref.target = self._vmm()
+        return uvicorn.Server(config)
 
     def __enter__(self) -> ApiServer:
         self._thread.start()
-        while not self._server.started:
-            if not self._thread.is_alive():
-                self.close()
-                raise UsageError(f"the API server could not start on {self.path}")
-            time.sleep(0.002)
-        if self._warm:
-            self._warm_up()
+        if not self._lazy:
+            while not self._server.started:
+                if not self._thread.is_alive():
+                    self.close()
+                    raise UsageError(f"the API server could not start on {self.path}")
+                time.sleep(0.002)
+            if self._warm:
+                self._warm_up()
         if self._publish and self._bind_path != self.path:
             os.rename(self._bind_path, self.path)
         return self
+
+    def _serve_when_called(self) -> None:
+        """The lazy server's thread: wait for a first connection (or for :meth:`close`), then serve."""
+        waiting = select.poll()
+        waiting.register(self._sock.fileno(), select.POLLIN)
+        waiting.register(self._wake_r, select.POLLIN)
+        while True:
+            try:
+                ready = {fd for fd, _ in waiting.poll()}
+                break
+            except InterruptedError:
+                continue
+        if self._wake_r in ready or self._closing:
+            return
+        try:
+            server = self._server = self._make_server()
+            if self._closing:           # close() came while the server was made: it may not have seen it
+                return
+            with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+                runner.run(server.serve(sockets=[self._sock]))
+        except BaseException as e:      # (uvicorn ends a failed start with SystemExit)
+            if not self._closing:       # its clients are refused from now on, not left waiting in the backlog
+                print(f"pykvm: the API server on {self.path} failed and was closed: {e!r}", file=sys.stderr,
+                      flush=True)
+                self._sock.close()
 
     def _warm_up(self) -> None:
         """One request of our own before any client's: the first one loads anyio's backend and starts the worker
@@ -336,9 +403,21 @@ class ApiServer:
         self.close()
 
     def close(self) -> None:
-        self._server.should_exit = True
+        self._closing = True
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = None
+        if self._made is not None:
+            self._made.shutdown()
         self._sock.close()
         for path in (self._bind_path, self.path) if self._publish else ():
             with contextlib.suppress(OSError):

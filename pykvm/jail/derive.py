@@ -87,7 +87,7 @@ def main_kinds(paths: list[str]) -> int:
             for kind, calls in calls_by_kind(f.readlines()).items():
                 totals[kind].update(calls)
     conditional = {"ioctl", "clone", "clone3", "exit_group", "seccomp"}
-    for kind, allowed in (("api", {*ALLOWED, *API_ALLOWED}), ("vcpu", set(ALLOWED))):
+    for kind, allowed in (("api", {*ALLOWED, *API_ALLOWED, "socketpair"}), ("vcpu", set(ALLOWED))):
         print(f"-- {kind} threads: {len(totals[kind])} system calls")
         for name, n in totals[kind].most_common():
             print(f"{name:<20} {n:>9}{'' if name in allowed | conditional else '   NOT ALLOWED'}")
@@ -110,7 +110,8 @@ def main(paths: list[str]) -> int:
     from .seccomp import API_ALLOWED
     ruled = {*ALLOWED, "ioctl", "clone", "clone3", "exit_group", "seccomp"}   # (seccomp: the vCPU filter's load)
     for name, n in total.most_common():
-        mark = "" if name in ruled else "   API filter only" if name in API_ALLOWED else "   NOT ALLOWED"
+        api_only = name in API_ALLOWED or name == "socketpair"     # (socketpair: AF_UNIX only)
+        mark = "" if name in ruled else "   API filter only" if api_only else "   NOT ALLOWED"
         print(f"{name:<20} {n:>9}{mark}")
     print(f"-- {len(total)} system calls; ioctl requests:")
     for name, n in requests.most_common():

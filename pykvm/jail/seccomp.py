@@ -72,12 +72,17 @@ ALLOWED = (
 # socket, and the VMM ending with clients connected). The event loop (asyncio, uvicorn) on the
 # socket bound before the jail: accept4, epoll_wait/epoll_ctl, recvfrom/sendto, getsockname and
 # getpeername (each new connection's addresses), shutdown (a connection's write side closed). The
+# engine's VMMs start that server on its first connection, in the jail (api.server.ApiServer, lazy):
+# its event loop's epoll_create1 and self-pipe (socketpair, AF_UNIX only: see build), and listen (asyncio
+# listens again on the socket that already listens). None reaches anything outside the process: without
+# socket, bind and connect, no other socket can be named. The
 # controller's files, inside the jail's /run (snapshot state and memory, metrics, log): openat, lseek,
 # pwrite64 and ftruncate (the memory file), rename (the state file is written beside and renamed),
 # unlink (a failed write removes its partial file). seccomp: the main thread loads the vCPU filter
 # after this one (SECCOMP_SET_MODE_FILTER with no flags only: it can only add restrictions).
 API_ALLOWED = (
-    "accept4", "epoll_wait", "epoll_ctl", "recvfrom", "sendto", "getsockname", "getpeername", "shutdown",
+    "accept4", "listen", "epoll_create1", "epoll_wait", "epoll_ctl", "recvfrom", "sendto", "getsockname",
+    "getpeername", "shutdown",
     "openat", "lseek", "pwrite64", "ftruncate", "rename", "unlink",
 )
 # FIONBIO: asyncio makes each accepted connection non-blocking (Python's setblocking is this ioctl)
@@ -99,6 +104,7 @@ TERMINAL_IOCTLS = {"TCGETS": 0x5401, "TCSETSW": 0x5403, "TCSETSF": 0x5404}
 TAP_IOCTLS = {"TUNSETOFFLOAD": 0x400454D0}
 DIE_STATUS = 0x5ECC0   # exit_group(DIE_STATUS) is killed by the filter: death by SIGSYS
 CLONE_THREAD = 0x00010000
+AF_UNIX = 1
 ENOSYS = 38
 SIGSYS = 31
 
@@ -154,6 +160,7 @@ def build(mode: str = "kill", kind: str = "process"):
         names += API_ALLOWED
         requests |= {*API_IOCTLS.values(), *api_kvm_ioctls().values()}
         filt.add_rule(sc.ALLOW, "seccomp", sc.Arg(0, sc.EQ, SECCOMP_SET_MODE_FILTER), sc.Arg(1, sc.EQ, 0))
+        filt.add_rule(sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, AF_UNIX))
     for name in names:
         filt.add_rule(sc.ALLOW, name)
     for request in sorted(requests):
@@ -178,11 +185,11 @@ def prebuild() -> None:
 
 def counts(kind: str = "process") -> dict[str, int]:
     """How much the filter of ``kind`` (see :func:`build`) allows: system calls (ioctl, clone,
-    exit_group and, for "api", seccomp counted: allowed with conditions), and ioctl requests."""
+    exit_group and, for "api", seccomp and socketpair counted: allowed with conditions), and ioctl requests."""
     out = {"syscalls": len(ALLOWED) + 3, "kvm_ioctls": len(kvm_ioctls()), "terminal_ioctls": len(TERMINAL_IOCTLS),
            "tap_ioctls": len(TAP_IOCTLS)}
     if kind == "api":
-        out["syscalls"] += len(API_ALLOWED) + 1
+        out["syscalls"] += len(API_ALLOWED) + 2
         out["kvm_ioctls"] += len(api_kvm_ioctls())
         out["socket_ioctls"] = len(API_IOCTLS)
     return out
