@@ -315,3 +315,29 @@ def test_an_engine_vmm_starts_its_api_server_on_the_first_call(tmp_path, jail):
         assert state_of(d, "lazy")["ExitCode"] == 7
     finally:
         d.close()
+
+
+_PRELOADED = """
+import json, os, signal, threading
+def dispositions():
+    return {s: repr(signal.getsignal(s)) for s in range(1, signal.NSIG) if s not in (32, 33)}
+before = (sorted(os.listdir("/proc/self/fd")), dispositions())
+from pykvm.engine import zygote
+zygote._preload()
+after = (sorted(os.listdir("/proc/self/fd")), dispositions())
+print(json.dumps({"threads": threading.active_count(), "same": before == after}))
+"""
+
+
+@needs_kvm
+def test_the_zygote_boots_a_vm_before_it_forks_and_keeps_nothing_of_it(tmp_path):
+    """The zygote runs the bundled demo guest once before it serves (what a VMM's first boot builds is then shared by
+    every VMM): the boot must succeed, and leave no thread (fork copies one), descriptor (a VMM gets exactly its own)
+    or signal handler behind."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _PRELOADED], capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"warm-up VM did not run" not in out.stdout + out.stderr, out.stdout.decode()
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result == {"threads": 1, "same": True}
