@@ -28,8 +28,9 @@ when run as root), then:
   descendant: the VMM; a jailed VMM's shim is also its jail's supervisor), and that minus the
   private pages of guest RAM (the VMM's anonymous mapping of exactly the guest's RAM size, from
   /proc/PID/smaps): "beyond guest RAM". Pages shared copy-on-write with the zygote are not in USS
-  (nor are pages the shim and its VMM still share with each other); the zygote's own USS is printed
-  once (it is paid once per host, not per VM).
+  (nor are pages the shim and its VMM still share with each other: ``linux_vm_private_pages_*``, as
+  root, counts those too, once, from /proc/PID/pagemap and /proc/kpagecount); the zygote's own USS is
+  printed once (it is paid once per host, not per VM).
 
     python -m benchmarks.engine [--clients 20] [--requests 2000] [--vms 20] [--starts 9] [--linux 20] [--json]
 
@@ -43,6 +44,7 @@ import asyncio
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -227,6 +229,45 @@ def guest_ram_private(pid: int, size: int) -> int:
     return total
 
 
+def tree_private(pids: list[int], guest_ram: int) -> int | None:
+    """Bytes of the pages that ``pids`` map and no other process does, each page counted once, guest RAM (the
+    anonymous mappings of exactly ``guest_ram`` bytes) left out. Unlike a sum of USS, this counts the pages a
+    shim and its VMM share with each other only (copied by the shim before it forked the VMM). From
+    /proc/PID/pagemap (the page frame of each present page) and /proc/kpagecount (how many mappings each frame
+    has); None where those give no frame numbers (they need root)."""
+    from collections import Counter
+    frames: Counter[int] = Counter()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            pagemap = open(f"/proc/{pid}/pagemap", "rb")
+        except OSError:
+            continue
+        with pagemap:
+            for line in maps:
+                fields = line.split()
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if (hi - lo == guest_ram and len(fields) < 6) or fields[-1] == "[vsyscall]":
+                    continue
+                try:
+                    pagemap.seek((lo >> 12) * 8)
+                    data = pagemap.read(((hi - lo) >> 12) * 8)
+                except OSError:
+                    continue
+                for entry in struct.unpack(f"{len(data) // 8}Q", data):
+                    if entry >> 63:                 # present in RAM
+                        frames[entry & ((1 << 55) - 1)] += 1
+    if not frames or set(frames) == {0}:
+        return None
+    private = 0
+    with open("/proc/kpagecount", "rb") as counts:
+        for frame, mapped_here in frames.items():
+            counts.seek(frame * 8)
+            if struct.unpack("Q", counts.read(8))[0] == mapped_here:
+                private += 4096
+    return private
+
+
 def vm_memory(shim_pid: int, guest_ram: int) -> tuple[int, int, int]:
     """(USS of all the VM's processes, of that the private guest RAM, number of processes)."""
     pids = tree(shim_pid)
@@ -325,13 +366,14 @@ def linux_guests(daemon: Daemon, n: int, mem_mib: int, boot_wait: float) -> dict
         out["linux_all_at_shell_s"] = time.perf_counter() - t0
         ids = [v for v in ids if v not in waiting]      # measure those that came up (the count says how many)
         time.sleep(2)      # let the shells settle to idle before measuring
-        per_vm, beyond, nprocs = [], [], []
+        per_vm, beyond, nprocs, whole = [], [], [], []
         for v in ids:
             shim = c.get(f"/vms/{v}/json").json()["State"]["ShimPid"]
             total, ram, count = vm_memory(shim, mem_mib << 20)
             per_vm.append(total)
             beyond.append(total - ram)
             nprocs.append(count)
+            whole.append(tree_private(tree(shim), mem_mib << 20))
         out["linux_running"] = sum(1 for vm in c.get("/vms/json").json() if vm["State"] == "running")
 
     async def all_answer():
@@ -344,6 +386,8 @@ def linux_guests(daemon: Daemon, n: int, mem_mib: int, boot_wait: float) -> dict
     out["linux_vm_uss_beyond_guest_ram_median_mib"] = statistics.median(beyond) / 2**20
     out["linux_vm_uss_beyond_guest_ram_max_mib"] = max(beyond) / 2**20
     out["linux_vm_processes"] = statistics.median(nprocs)
+    if None not in whole:       # (root only) the same, with the pages the VM's processes share only with each other
+        out["linux_vm_private_pages_beyond_guest_ram_median_mib"] = statistics.median(whole) / 2**20
     with daemon.http() as c:
         for vm in c.get("/vms/json").json():
             c.delete(f"/vms/{vm['Id']}", params={"force": "1"})
