@@ -341,3 +341,33 @@ def test_the_zygote_boots_a_vm_before_it_forks_and_keeps_nothing_of_it(tmp_path)
     assert b"warm-up VM did not run" not in out.stdout + out.stderr, out.stdout.decode()
     result = json.loads(out.stdout.splitlines()[-1])
     assert result == {"threads": 1, "same": True}
+
+
+@needs_kvm
+def test_a_zygote_of_other_code_is_replaced_and_its_vms_run_on(tmp_path):
+    """After an upgrade, a restarted daemon must not fork VMMs from the zygote of the old code: it starts a new one;
+    the old zygote ends (its socket was replaced), and the VMs it started run on."""
+    d = Daemon()
+    d.start()
+    try:
+        guest = str(echo_guest(tmp_path))
+        assert d.pykvm("run", "-d", "--name", "old", guest).returncode == 0
+        d.remember_shims()
+        old = _zygote_pid(d)
+        d.stop()
+        (d.state / "zygote.code").write_text("the code before an upgrade\n")
+        d.start()
+        new = _zygote_pid(d)
+        assert new != old
+        wait_for(lambda: not _alive(old), what="the old zygote's end")
+        assert state_of(d, "old")["Status"] == "running"
+        assert d.pykvm("run", "-d", "--name", "new", guest).returncode == 0
+        d.remember_shims()
+        for name in ("old", "new"):
+            assert name.encode() + b" here" in _attach_echo(d, name, name.encode() + b" here")
+        assert _zygote_pid(d) == new
+        d.stop()
+        d.start()
+        assert _zygote_pid(d) == new        # the same code: kept
+    finally:
+        d.close()

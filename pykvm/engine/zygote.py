@@ -11,7 +11,8 @@ long-lived process, ``python -m pykvm.engine.zygote STATE_DIR``, that has import
 The children share the zygote's pages copy-on-write: the memory a VM adds is what its processes
 write after the fork (see ``benchmarks/engine.py`` for the figure). The zygote runs in its own
 session, as the shims do, so VMs and the zygote outlive the daemon; a restarted daemon connects to
-the zygote still listening, or starts a new one (:class:`ZygoteClient`). The zygote reaps the shims
+the zygote still listening if it runs the daemon's code (``zygote.code``: :func:`code_identity`), or starts a
+new one (:class:`ZygoteClient`). The zygote reaps the shims
 that end (SIGCHLD); shims outlive a zygote that ends (init adopts them).
 
 **The protocol** (one request per connection on ``STATE_DIR/zygote.sock``, 0600, refused to any
@@ -44,6 +45,7 @@ import errno
 import gc
 import importlib
 import json
+import logging
 import os
 import random
 import signal
@@ -60,6 +62,7 @@ from .shim import listen_private
 MAX_REQUEST = 1 << 16       # bytes of one request's JSON
 MAX_FDS = 32                # descriptors passed with one request
 SOCKET_NAME = "zygote.sock"
+CODE_NAME = "zygote.code"   # the zygote's code_identity(), written before its socket appears
 START_TIMEOUT = 30.0        # seconds a daemon waits for a zygote it started to listen
 REQUEST_TIMEOUT = 5.0       # seconds the zygote waits for a request's bytes
 IDLE_CHECK = 2.0            # seconds between two checks that the zygote's socket is still its own
@@ -94,6 +97,7 @@ PRELOAD = (
 )
 
 VMM_ENTRIES = {"pykvm": ("run", "vmm"), "pykvm.engine.jailrun": None}
+log = logging.getLogger("pykvm.engine")
 
 
 class ZygoteError(Exception):
@@ -101,6 +105,22 @@ class ZygoteError(Exception):
 
 
 # --- the zygote process --------------------------------------------------------------------------
+def code_identity() -> str:
+    """What a zygote started now would run, as a hex digest: the interpreter's path, pykvm's version, and the
+    size and modification time of every module file of the installed package. A daemon that finds a zygote of
+    other code (pykvm upgraded or edited since it started) starts a new one (:meth:`ZygoteClient.ensure`)."""
+    import hashlib
+
+    from .. import __version__
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(f"{sys.executable}\0{__version__}\0".encode())
+    for path in sorted(root.rglob("*.py")):
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
 def _preload() -> None:
     with contextlib.suppress(ImportError, AttributeError, OSError):
         from ..jail.supervisor import lean_malloc
@@ -454,6 +474,7 @@ def serve(state_dir: Path) -> int:
     """The zygote's loop (single-threaded, one request at a time; each takes a few milliseconds)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    code = code_identity()      # before the imports: the files as they are imported
     _preload()
     signal.signal(signal.SIGCHLD, _reap)       # after _preload: nothing but shims is a child of the zygote
     vms_dir = (state_dir / "vms").resolve()
@@ -462,6 +483,7 @@ def serve(state_dir: Path) -> int:
     tmp.unlink(missing_ok=True)
     listener = listen_private(tmp, 64)
     listener.settimeout(IDLE_CHECK)
+    (state_dir / CODE_NAME).write_text(code + "\n")
     os.replace(tmp, path)           # a client sees no socket or a listening one, never a dead one
     mine = os.stat(path).st_ino
     (state_dir / "zygote.pid").write_text(f"{os.getpid()}\n")
@@ -499,6 +521,7 @@ class ZygoteClient:
         self.state_dir = state_dir
         self.path = state_dir / SOCKET_NAME
         self.proc: subprocess.Popen | None = None
+        self.code = code_identity()      # the daemon's: a zygote of other code is replaced
 
     def _connect(self) -> socket.socket | None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -510,11 +533,19 @@ class ZygoteClient:
             return None
 
     def ensure(self) -> None:
-        """Start a zygote unless one answers; wait until it listens (ZygoteError after ``START_TIMEOUT``)."""
+        """Start a zygote unless one of the daemon's code answers; wait until it listens (ZygoteError after
+        ``START_TIMEOUT``). One of other code (pykvm was upgraded or edited since it started) is replaced: it
+        sees its socket replaced and ends; the shims it forked, and their VMs, run on."""
         s = self._connect()
         if s is not None:
             s.close()
-            return
+            try:
+                if (self.state_dir / CODE_NAME).read_text().strip() == self.code:
+                    return
+            except OSError:
+                pass
+            log.warning("the VM zygote runs other code than this daemon (pykvm was upgraded or edited): "
+                        "starting a new one; the running VMs are not touched")
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
