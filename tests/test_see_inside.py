@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 
 import pytest
@@ -128,3 +129,23 @@ def test_stats_json_that_cannot_be_written_is_refused_before_the_run(tmp_path, w
     r = run_pykvm("run", "hello-long64", "--stats-json", str(tmp_path / where))
     assert r.returncode == 2 and message in " ".join(r.stderr.decode().split()), r.stderr
     assert b"Hello" not in r.stdout            # the guest never ran
+
+
+@needs_kvm
+def test_stats_json_to_a_fifo_is_read_by_its_reader_and_refused_without_one(tmp_path):
+    """--stats-json may name a FIFO another program reads (the record goes to it); a FIFO that nobody reads is
+    refused with one line (status 2) when the run ends, instead of blocking that end for ever."""
+    fifo = tmp_path / "stats.fifo"
+    os.mkfifo(fifo)
+    r = run_pykvm("run", "hello-long64", "--stats-json", str(fifo), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "a FIFO that no process reads" in " ".join(r.stderr.decode().split()), r.stderr
+    assert b"Hello" in r.stdout                 # the run itself happened
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)     # a reader is there before pykvm ends (its record is a
+    try:                                                     # few KiB: the FIFO's buffer holds it until read)
+        r = run_pykvm("run", "hello-long64", "--stats-json", str(fifo), timeout=60)
+        record = os.read(reader, 1 << 16)
+    finally:
+        os.close(reader)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(record)["reasons"]["HLT"]["count"] == 1

@@ -7,6 +7,7 @@ socket is closed with the Machine.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -87,12 +88,18 @@ class Inside:
         if self.opts.stats:
             print(stats.format_table(summary), file=sys.stderr)
         if self.opts.stats_json:
+            text = json.dumps(stats.to_json(summary), indent=2) + "\n"
             try:
-                with open(self.opts.stats_json, "w") as f:
-                    json.dump(stats.to_json(summary), f, indent=2)
-                    f.write("\n")
+                # O_NONBLOCK: a FIFO that no process reads is refused (ENXIO) instead of blocking the end of the run
+                # for ever; the write itself then blocks as usual (a reader of the FIFO takes it at its pace)
+                fd = os.open(self.opts.stats_json, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC,
+                             0o666)
+                os.set_blocking(fd, True)
+                with open(fd, "w") as f:
+                    f.write(text)
             except OSError as e:
-                raise UsageError(f"cannot write --stats-json {self.opts.stats_json}: {e.strerror}") from None
+                why = "a FIFO that no process reads" if e.errno == errno.ENXIO else e.strerror
+                raise UsageError(f"cannot write --stats-json {self.opts.stats_json}: {why}") from None
 
 
 def attach(machine, opts: Options) -> Inside:
