@@ -305,3 +305,33 @@ def test_snapshot_load_from_a_fifo_is_refused_not_waited_on(vmm, tmp_path):
     body = {"snapshot_path": str(fifo), "mem_backend": {"backend_path": str(mem), "backend_type": "File"}}
     assert "not a regular file" in fault(c.put("/snapshot/load", json=body))
     assert c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 64}).status_code == 204
+
+
+def test_a_lazy_api_server_that_cannot_start_refuses_its_clients(tmp_path, monkeypatch):
+    """An engine VMM's API server starts on its first connection (ApiServer, lazy). Should that start fail (no
+    thread or descriptor left, as in a jail at its limits), the waiting client and the next ones are refused,
+    never left waiting in the socket's backlog."""
+    import errno
+    import socket
+
+    from pykvm.api import server
+    monkeypatch.setattr(server, "_prebuilt", None)     # restored afterwards: the warm-up below changes both
+    monkeypatch.setattr(server, "_warmed", False)
+    server.prebuild_app()
+    server.warm_up_prebuilt()
+
+    def no_vmm():
+        raise OSError(errno.EMFILE, "Too many open files")
+    path = str(tmp_path / "api.sock")
+    with server.ApiServer(no_vmm, path, lazy=True) as api:
+        assert api._lazy
+        with socket.socket(socket.AF_UNIX) as first:
+            first.settimeout(30)        # (a failure, not a hang, if the client is left waiting)
+            first.connect(path)
+            first.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                assert first.recv(4096) == b""
+            except ConnectionResetError:
+                pass
+        with socket.socket(socket.AF_UNIX) as second, pytest.raises(ConnectionRefusedError):
+            second.connect(path)

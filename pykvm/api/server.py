@@ -208,7 +208,7 @@ def bind_unix(path: str, bind_path: str | None = None) -> socket.socket:
         raise UsageError(f"cannot create the API socket {path}: {e.strerror or e}") from None
     finally:
         os.umask(old)
-    sock.listen(128)
+    sock.listen(2048)      # uvicorn's backlog (Config.backlog): a lazy server's clients wait here until it starts
     return sock
 
 
