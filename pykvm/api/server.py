@@ -304,7 +304,7 @@ class ApiServer:
     ``lazy``: for a VMM whose machine comes from its command line (the API is optional then), forked
     from the engine's zygote (:func:`warm_up_prebuilt`): uvicorn, its event loop and (``vmm`` given as a
     function) the Vmm with its controller thread are made on the first connection, not at once. Until then
-    the server's thread only waits in poll(2), and a VMM that nobody calls keeps about 1 MiB less private
+    the server's thread only waits in poll(2), and a VMM that nobody calls keeps about 1.3 MiB less private
     memory: uvicorn's start, its loop and its 0.1 s ticks write to objects it shares with the zygote (the
     engine's benchmark, ``benchmarks/engine.py``). The socket listens from the start, so no client is
     refused: its connection waits in the backlog while the server starts (a few ms). Made in a jail, the
