@@ -280,6 +280,13 @@ def test_non_root_caller_is_refused_a_root_only_file(daemon):
     root_vm = daemon.pykvm("create", "hello-long64").stdout.decode().strip()
     code, body = as_nobody_curl("http://pykvm/vms/json?all=1")
     assert [vm["Id"] for vm in json.loads(body)] == [nobodys]
+    # nor are their events: nobody's stream has its own VM's create, not root's (root's has both)
+    until = time.time() + 1
+    code, body = as_nobody_curl(f"http://pykvm/events?since=0&until={until}")
+    assert code == 200 and {ev["id"] for ev in ndjson(body)} == {nobodys}, body
+    with daemon.http() as c:
+        assert {ev["id"] for ev in ndjson(c.get("/events", params={"since": 0, "until": until}).text)} == {
+            nobodys, root_vm}
     code, body = as_nobody_curl("-X", "DELETE", f"http://pykvm/vms/{root_vm}")
     assert code == 403 and "belongs to uid 0" in json.loads(body)["message"]
     assert len(daemon.vms()) == 2       # root sees both

@@ -137,14 +137,19 @@ class Backend:
 
     # -- events ---------------------------------------------------------------------------------
     def event(self, action: str, vm: Vm, **extra) -> None:
-        attributes = {"name": vm.name, "image": _image(vm.spec), **{k: str(v) for k, v in extra.items()}}
+        attributes = {"name": vm.name, "image": _image(vm.spec), "uid": str(vm.owner_uid),
+                      **{k: str(v) for k, v in extra.items()}}
         ev = self.store.add_event(action, vm.id, attributes)
         for queue in list(self.subscribers):
             if queue.qsize() < 10000:
                 queue.put_nowait(ev)
 
-    async def events(self, since: float | None, until: float | None, filters: dict) -> AsyncIterator[dict]:
-        """Past events from ``since`` then, unless ``until`` is given, new ones as they happen."""
+    async def events(self, since: float | None, until: float | None, filters: dict,
+                     caller: Caller | None = None) -> AsyncIterator[dict]:
+        """Past events from ``since`` then, unless ``until`` is given, new ones as they happen. A non-root
+        ``caller`` gets only the events of its own VMs (the owner's uid is each event's ``uid`` attribute)."""
+        if caller is not None and caller.uid != 0:
+            filters = {**filters, "uid": [str(caller.uid)]}
         queue: asyncio.Queue = asyncio.Queue()
         self.subscribers.add(queue)
         try:
@@ -828,6 +833,8 @@ def _event_matches(ev: dict, filters: dict) -> bool:
         if key == "event" and ev["Action"] not in values:
             return False
         if key == "type" and "vm" not in values and "container" not in values:
+            return False
+        if key == "uid" and ev["Actor"]["Attributes"].get("uid") not in values:
             return False
     return True
 

@@ -322,7 +322,7 @@ def make_app(backend: Backend) -> FastAPI:
         return StreamingResponse(lines(), media_type="application/json")
 
     @app.get("/events")
-    async def events(since: float | None = None, until: float | None = None,
+    async def events(request: Request, since: float | None = None, until: float | None = None,
                      filters: str | None = Query(default=None, max_length=4096)):
         flt = parse_filters(filters, EVENT_FILTER_KEYS)
         for name, value in (("since", since), ("until", until)):
@@ -332,7 +332,7 @@ def make_app(backend: Backend) -> FastAPI:
             since = 0
 
         async def lines():
-            async for ev in backend.events(since, until, flt):
+            async for ev in backend.events(since, until, flt, caller(request)):
                 yield json.dumps(ev) + "\n"
         return StreamingResponse(lines(), media_type="application/json")
 
