@@ -232,3 +232,28 @@ def test_a_jailed_vm_told_to_end_by_sigterm_ends_by_it(daemon, tmp_path):
         wait_for(lambda name=name: state_of(daemon, name)["Status"] == "exited", what=f"{name}'s end")
         log = daemon.pykvm("logs", name).stdout + daemon.pykvm("logs", name).stderr
         assert (state_of(daemon, name)["ExitCode"], b"seccomp" in log) == (143, False), log[-300:]
+
+
+def test_a_root_daemon_without_the_jails_seccomp_binding_refuses_to_start(tmp_path):
+    """As root the daemon jails every VMM; without pyseccomp every VM it started ended at once (status 2) with
+    the reason only in its log. The daemon now says so at its start, with what to install or --no-jail."""
+    import contextlib
+    import subprocess
+    import sys
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "pyseccomp.py").write_text("")      # importable, but no libseccomp binding in it
+    env = dict(os.environ, PYTHONPATH=str(fake))
+    try:
+        out = subprocess.run([sys.executable, "-m", "pykvm", "daemon", "--socket", str(tmp_path / "d.sock"),
+                              "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=30,
+                             env=env, stdin=subprocess.DEVNULL)
+    finally:        # a daemon that did start (and was killed by the timeout) left its zygote running
+        zygote = tmp_path / "state" / "zygote.pid"
+        if zygote.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(zygote.read_text()), 9)
+    message = " ".join(out.stderr.split())
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'pykvm[jail]'" in message and "--no-jail" in message, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "d.sock").exists()

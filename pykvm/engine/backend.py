@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from .. import __version__
+from ..errors import UsageError
 from . import logs, network
 from .access import Caller, Forbidden, open_as
 from .store import BadRequest, Conflict, NotFound, Store, Vm, check_name, new_id
@@ -76,6 +77,12 @@ class Backend:
         self.state_dir = state_dir
         self.jail = jail and has_jail() and os.geteuid() == 0
         if self.jail:
+            from ..jail import seccomp
+            missing = seccomp.available()
+            if missing is not None:     # else every VM would start, and end at once with status 2
+                raise UsageError("as root the daemon jails every VMM, and the jail's seccomp filter cannot be "
+                                 f"built here: {missing.split(';')[0]}. Install it (pip install 'pykvm[jail]', "
+                                 "and the libseccomp2 package), or start the daemon with --no-jail")
             log.info("VMMs run jailed (pykvm.jail): own namespaces, cgroup, root directory, uid and seccomp filter")
         elif not jail:
             log.warning("--no-jail: VMMs run unjailed, with the daemon's privileges (root: %s)", os.geteuid() == 0)
