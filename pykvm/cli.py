@@ -318,11 +318,21 @@ def main(argv: list[str] | None = None) -> int:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """``argv`` parsed (usage errors exit 2), plus ``given``: the dests of the options and arguments the
     words name explicitly (:func:`given_dests`), for the checks that refuse what would be ignored."""
-    words = bind_free_text(list(argv))
+    words = bind_free_text(_host_after_verb(list(argv)))
     command = next((word for word in words if not word.startswith("-")), None)
     args = build_parser(command).parse_args(words)
     args.given = given_dests(words, command)
     return args
+
+
+def _host_after_verb(argv: list[str]) -> list[str]:
+    """Docker's order, ``pykvm -H SOCK VERB ...`` (or ``--host SOCK``, ``--host=SOCK``), as the verb's own
+    option: ``pykvm VERB -H SOCK ...``."""
+    if len(argv) >= 3 and argv[0] in ("-H", "--host"):
+        return [argv[2], argv[0], argv[1], *argv[3:]]
+    if len(argv) >= 2 and argv[0].startswith("--host="):
+        return [argv[1], argv[0], *argv[2:]]
+    return argv
 
 
 def given_dests(words: list[str], command: str | None = None) -> set[str]:

@@ -279,3 +279,13 @@ def test_dashed_values_are_bound_only_for_the_commands_that_take_them():
     """`create --net` (the engine's client) is a flag: the word after it is not its value."""
     assert bind_free_text(["create", "--net", "-k", "vmlinux"]) == ["create", "--net", "-k", "vmlinux"]
     assert bind_free_text(["run", "--net", "-x"]) == ["run", "--net=-x"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["-H", "unix:///srv/d.sock", "ps", "-a"], ["--host", "unix:///srv/d.sock", "ps", "-a"],
+    ["--host=unix:///srv/d.sock", "ps", "-a"], ["ps", "-H", "unix:///srv/d.sock", "-a"]])
+def test_the_daemons_socket_may_come_before_the_verb_as_in_docker(argv):
+    """`pykvm -H SOCK ps` (docker's order, the README's example) is `pykvm ps -H SOCK`."""
+    from pykvm.cli import parse_args
+    args = parse_args(argv)
+    assert (args.command, args.host, args.all) == ("ps", "unix:///srv/d.sock", True)
