@@ -110,7 +110,8 @@ def add_vm_options(p: argparse.ArgumentParser, size_type, int_type) -> None:
 
 def add_parsers(sub, size_type, int_type) -> None:
     """Register the client verbs on ``pykvm``'s subparsers (``size_type``: guest RAM, ``int_type``: vCPUs)."""
-    from .cli import MAX_TIMEOUT, _host, _limit_size, _socket_type, ranged, seconds
+    from .cli import _host, _limit_size, _socket_type, ranged, seconds
+    from .engine import MAX_STOP_WAIT
 
     def verb(name, help_, ids=True, many=True):
         p = sub.add_parser(name, help=help_)
@@ -160,7 +161,7 @@ def add_parsers(sub, size_type, int_type) -> None:
     for name, help_ in (("stop", "stop VMs: Ctrl-Alt-Del, then kill after -t seconds"),
                         ("restart", "stop then start VMs")):
         p = verb(name, help_)
-        p.add_argument("-t", "--time", type=seconds(0, MAX_TIMEOUT), default=10,
+        p.add_argument("-t", "--time", type=seconds(0, MAX_STOP_WAIT), default=10,      # the daemon's limit
                        help="seconds to wait before killing (default 10)")
     k = verb("kill", "kill VMs' VMM processes")
     k.add_argument("-s", "--signal", default="SIGKILL")

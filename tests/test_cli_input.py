@@ -86,6 +86,7 @@ def test_what_a_whole_vm_file_still_uses_is_accepted(tmp_path):
     ("daemon", "--memory-budget", "0"),
     ("create", "-c", "0"), ("create", "-m", "0"), ("create", "-c", "65"),
     ("stop", "-t", "-1", "vm"), ("stop", "-t", "nan", "vm"), ("restart", "-t", "inf", "vm"),
+    ("stop", "-t", "3601", "vm"), ("restart", "-t", "4000", "vm"),      # the daemon waits at most an hour
     ("top", "-d", "0"), ("top", "-d", "-1"), ("top", "-n", "-1"),
     ("logs", "-n", "-3", "vm"), ("logs", "--tail", "lots", "vm"),
     ("events", "--since", "nan"), ("events", "--until", "-infs"),

@@ -7,3 +7,5 @@ like containerd's, owns the VMM process, its console (rotated ``logs`` and an at
 writes the VMM's exit status where a restarted daemon finds it. ``access`` opens host paths with a
 caller's permissions; ``server`` binds the Unix socket and serves; ``paths`` says where things live.
 """
+
+MAX_STOP_WAIT = 3600    # seconds: the longest -t / ?t= that stop and restart wait before they kill

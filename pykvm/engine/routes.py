@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..memory import MAX_RAM, MIN_RAM, MiB
+from . import MAX_STOP_WAIT
 from .access import Caller, Forbidden
 from .backend import EVENT_FILTER_KEYS, FILTER_KEYS, Backend, NotModified, parse_filters
 from .store import BadRequest, Conflict, NotFound, Vm, check_name
@@ -252,11 +253,11 @@ def make_app(backend: Backend) -> FastAPI:
         await backend.start(vm_for(request, ref).id)
 
     @app.post("/vms/{ref}/stop", status_code=204, response_class=Response)
-    async def stop(request: Request, ref: str, t: float = Query(default=10, ge=0, le=3600)):
+    async def stop(request: Request, ref: str, t: float = Query(default=10, ge=0, le=MAX_STOP_WAIT)):
         await backend.stop(vm_for(request, ref).id, t)
 
     @app.post("/vms/{ref}/restart", status_code=204, response_class=Response)
-    async def restart(request: Request, ref: str, t: float = Query(default=10, ge=0, le=3600)):
+    async def restart(request: Request, ref: str, t: float = Query(default=10, ge=0, le=MAX_STOP_WAIT)):
         await backend.restart(vm_for(request, ref).id, t)
 
     @app.post("/vms/{ref}/kill", status_code=204, response_class=Response)
