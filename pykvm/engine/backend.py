@@ -155,7 +155,7 @@ class Backend:
                      caller: Caller | None = None) -> AsyncIterator[dict]:
         """Past events from ``since`` then, unless ``until`` is given, new ones as they happen. A non-root
         ``caller`` gets only the events of its own VMs (the owner's uid is each event's ``uid`` attribute)."""
-        if caller is not None and caller.uid != 0:
+        if caller is not None and not caller.is_root:
             filters = {**filters, "uid": [str(caller.uid)]}
         queue: asyncio.Queue = asyncio.Queue()
         self.subscribers.add(queue)
